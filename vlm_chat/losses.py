@@ -1,0 +1,193 @@
+"""Training losses as pure functions: contrastive (CLIP, SigLIP, triplet) and preference (DPO).
+
+Each function takes tensors and returns tensors; none holds state or parameters, so the training code
+owns the learnable temperature/bias and the tests can check each formula against hand-computed values.
+
+Conventions:
+    * ``image_emb`` / ``text_emb`` are ``[B, D]`` pairs: row ``i`` of one matches row ``i`` of the other.
+      The contrastive losses L2-normalise them (a no-op for already normalised embeddings), so callers
+      can pass raw projections without getting a silently different loss.
+    * ``logit_scale`` is the *multiplier* ``exp(t)`` (already exponentiated), as in the CLIP and SigLIP
+      papers' ``logits = cos_sim * exp(t) (+ b)``. transformers stores the log value ``t`` in
+      ``model.logit_scale``; pass ``model.logit_scale.exp()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CONTRASTIVE_LOSSES",
+    "clip_loss",
+    "contrastive_accuracy",
+    "dpo_loss",
+    "get_contrastive_loss",
+    "siglip_loss",
+    "triplet_loss",
+]
+
+
+def _check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor, min_batch: int = 1) -> None:
+    if image_emb.ndim != 2 or text_emb.ndim != 2:
+        raise ValueError(
+            f"embeddings must be [B, D]; got image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)}"
+        )
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
+    if image_emb.shape[0] < min_batch:
+        raise ValueError(f"this loss needs at least {min_batch} pairs in the batch, got {image_emb.shape[0]}")
+
+
+def _cosine_similarities(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    image_emb = F.normalize(image_emb, dim=-1)
+    text_emb = F.normalize(text_emb, dim=-1)
+    return image_emb @ text_emb.t()  # [B_img, B_txt]; entry (i, j) = cos(image i, text j)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al., 2021) with a learned temperature.
+
+    Args:
+        image_emb: ``[B, D]`` image embeddings.
+        text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
+        logit_scale: scalar tensor, the multiplier ``exp(t)`` applied to cosine similarities.
+
+    Returns:
+        Scalar loss: the mean of the image->text and text->image cross-entropies over the batch.
+    """
+    _check_pairs(image_emb, text_emb)
+    logits = logit_scale * _cosine_similarities(image_emb, text_emb)  # [B, B]
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def siglip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023), with learned temperature and bias.
+
+    Every (image, text) pair of the batch is an independent binary problem: label +1 on the diagonal,
+    -1 elsewhere. As in the paper's pseudo-code, the summed log-likelihood is divided by the batch size
+    (not by the number of pairs).
+
+    Args:
+        image_emb: ``[B, D]`` image embeddings.
+        text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
+        logit_scale: scalar tensor, the multiplier ``exp(t')``.
+        logit_bias: scalar tensor ``b`` added to every logit.
+
+    Returns:
+        Scalar loss ``-sum_ij log sigmoid(z_ij * (scale * cos_ij + b)) / B``.
+    """
+    _check_pairs(image_emb, text_emb)
+    logits = logit_scale * _cosine_similarities(image_emb, text_emb) + logit_bias  # [B, B]
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 off
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def triplet_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Hinge triplet loss with the hardest in-batch negative, in both directions (VSE++, Faghri et al., 2018).
+
+    For each image the hardest negative is the most similar *other* caption; for each caption the most
+    similar other image. Similarities are cosines, so ``margin`` is on the cosine scale.
+
+    Args:
+        image_emb: ``[B, D]`` image embeddings, ``B >= 2``.
+        text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
+        margin: required gap between the positive and the hardest negative similarity.
+
+    Returns:
+        Scalar loss: ``mean_i relu(m - s_ii + max_{j!=i} s_ij) + mean_j relu(m - s_jj + max_{i!=j} s_ij)``.
+    """
+    _check_pairs(image_emb, text_emb, min_batch=2)
+    sims = _cosine_similarities(image_emb, text_emb)  # [B, B]
+    positives = sims.diagonal()  # [B]
+    # The positive itself must never be picked as the "hardest negative": push it below any cosine.
+    off_diagonal = sims.masked_fill(torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device), -torch.inf)
+    hardest_text_per_image = off_diagonal.max(dim=1).values  # [B]
+    hardest_image_per_text = off_diagonal.max(dim=0).values  # [B]
+    image_to_text = F.relu(margin - positives + hardest_text_per_image)
+    text_to_image = F.relu(margin - positives + hardest_image_per_text)
+    return image_to_text.mean() + text_to_image.mean()
+
+
+@torch.no_grad()
+def contrastive_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
+    """In-batch retrieval accuracy: how often the matching caption/image is the most similar one.
+
+    Args:
+        image_emb: ``[B, D]`` image embeddings.
+        text_emb: ``[B, D]`` text embeddings.
+
+    Returns:
+        ``{"acc_i2t": float, "acc_t2i": float}`` in ``[0, 1]``.
+    """
+    sims = _cosine_similarities(image_emb.float(), text_emb.float())  # [B, B]
+    targets = torch.arange(sims.shape[0], device=sims.device)
+    return {
+        "acc_i2t": (sims.argmax(dim=1) == targets).float().mean().item(),
+        "acc_t2i": (sims.argmax(dim=0) == targets).float().mean().item(),
+    }
+
+
+def dpo_loss(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO loss (Rafailov et al., 2023), as TRL's ``loss_type="sigmoid"``.
+
+    Args:
+        pi_chosen: ``[B]`` summed log-probabilities of the chosen answers under the policy.
+        pi_rejected: ``[B]`` summed log-probabilities of the rejected answers under the policy.
+        ref_chosen: ``[B]`` the same under the reference model (no gradient needed).
+        ref_rejected: ``[B]`` the same under the reference model.
+        beta: strength of the implicit KL penalty.
+
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``: the scalar mean of
+        ``-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))``, and the detached ``[B]`` implicit rewards
+        ``beta * (pi_c - ref_c)`` and ``beta * (pi_r - ref_r)`` (for reward margin / accuracy logging).
+    """
+    shapes = {t.shape for t in (pi_chosen, pi_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1 or pi_chosen.ndim != 1:
+        raise ValueError(f"dpo_loss expects four [B] tensors of equal shape, got {sorted(tuple(s) for s in shapes)}")
+    logits = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)  # [B]
+    loss = -F.logsigmoid(beta * logits).mean()
+    chosen_rewards = beta * (pi_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (pi_rejected - ref_rejected).detach()
+    return loss, chosen_rewards, rejected_rewards
+
+
+class _LossRegistry(dict):
+    """A dict whose failed lookups raise ``ValueError`` listing the valid names (config errors, not bugs)."""
+
+    def __missing__(self, name):
+        raise ValueError(f"unknown contrastive loss {name!r}; valid: {sorted(self)}")
+
+
+#: Contrastive losses by config name: ``clip(image_emb, text_emb, logit_scale)``,
+#: ``siglip(image_emb, text_emb, logit_scale, logit_bias)``, ``triplet(image_emb, text_emb, margin)``.
+CONTRASTIVE_LOSSES: dict[str, Callable[..., torch.Tensor]] = _LossRegistry(
+    clip=clip_loss, siglip=siglip_loss, triplet=triplet_loss
+)
+
+
+def get_contrastive_loss(name: str) -> Callable[..., torch.Tensor]:
+    """Look up a contrastive loss by name.
+
+    Args:
+        name: one of ``CONTRASTIVE_LOSSES`` (``clip``, ``siglip``, ``triplet``).
+
+    Returns:
+        The loss function.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+    """
+    return CONTRASTIVE_LOSSES[name]
