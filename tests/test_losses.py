@@ -63,7 +63,10 @@ def test_siglip_loss_matches_hand_computed_sigmoid():
             total += -_log_sigmoid(label * (scale * _cos(i, j) + bias))
     expected = total / n  # SigLIP normalises by the batch size, not by the n^2 pairs
     got = siglip_loss(
-        _vecs(IMG_ANGLES), _vecs(TXT_ANGLES), torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64)
+        _vecs(IMG_ANGLES),
+        _vecs(TXT_ANGLES),
+        torch.tensor(scale, dtype=torch.float64),
+        torch.tensor(bias, dtype=torch.float64),
     )
     assert got.item() == pytest.approx(expected, rel=1e-12)
 

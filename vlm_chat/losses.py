@@ -36,7 +36,9 @@ def _check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor, min_batch: int
             f"embeddings must be [B, D]; got image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)}"
         )
     if image_emb.shape != text_emb.shape:
-        raise ValueError(f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
+        raise ValueError(
+            f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}"
+        )
     if image_emb.shape[0] < min_batch:
         raise ValueError(f"this loss needs at least {min_batch} pairs in the batch, got {image_emb.shape[0]}")
 
