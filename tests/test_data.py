@@ -96,7 +96,7 @@ def test_messages_format_with_string_and_part_contents(tmp_path, folder):
         {
             "messages": [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Red"}, {"type": "text", "text": "."}]},
                 {"role": "user", "content": "And the shape?"},
                 {"role": "assistant", "content": "A square."},
             ],

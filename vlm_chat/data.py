@@ -344,7 +344,8 @@ def _row_image(row: dict) -> tuple[str | None, str]:
 def _content_text(content: Any, where: str) -> str:
     """A message content as text: a string, or a list of parts where ``{"type": "image"}`` becomes the marker.
 
-    Parts are joined with a newline, so ``[image, text "Q"]`` reads ``"<image>\\nQ"`` as in LLaVA data.
+    The layout is the one ``vlm_chat.prompting`` gives the same parts at inference: text parts are concatenated, and a
+    part after an image part follows a newline, so ``[image, text "Q"]`` reads ``"<image>\\nQ"`` as in LLaVA data.
     """
     if isinstance(content, str):
         return content
@@ -370,7 +371,7 @@ def _content_text(content: Any, where: str) -> str:
             pieces.append(IMAGE_MARKER)
         else:
             raise _BadRow("wrong_type", f"{where}, part {j}: unsupported part type {kind!r} (use 'text' or 'image')")
-    return "\n".join(pieces)
+    return "".join(p if i == 0 or pieces[i - 1] != IMAGE_MARKER else "\n" + p for i, p in enumerate(pieces))
 
 
 def _check_text(text: str, where: str, marker_position: bool = False) -> None:
