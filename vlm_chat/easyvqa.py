@@ -1,0 +1,274 @@
+"""The easy-VQA dataset from the ``easy_vqa`` package: splits, answer vocabulary, derived captions, conversations.
+
+easy-VQA (https://github.com/vzhou842/easy-VQA) holds 64x64 images of one shape on a tinted background: 4,000 train
+images with 38,575 questions and 1,000 test images with 9,673 questions, all answered by one of 13 words. Its
+package installs the PNGs and a ``questions.json`` per split offline; ``easy_vqa.get_train_questions()`` returns
+three parallel lists (texts, answers, image ids) and ``get_train_image_paths()`` maps image id -> PNG path.
+
+Use the train split for training and the test split for evaluation only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import easy_vqa
+
+from vlm_chat.shapes import COLORS, SHAPES, ImageRecord, write_records
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+#: Number of questions in the fixed quick-evaluation subset of the test split.
+QUICK_EVAL_SIZE = 1000
+QUICK_EVAL_SEED = 0
+
+_WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True)
+class VQASample:
+    """One easy-VQA question.
+
+    Attributes:
+        image: Absolute path of the image PNG (inside the installed package).
+        question: The question, as easy-VQA spells it (lowercase, e.g. ``"what color is the shape?"``).
+        answer: One of the 13 answers.
+        image_id: easy-VQA's integer image id within the split.
+        answer_type: ``"yes/no"``, ``"color"`` or ``"shape"``.
+    """
+
+    image: str
+    question: str
+    answer: str
+    image_id: int
+    answer_type: str
+
+
+def answer_vocabulary() -> list[str]:
+    """easy-VQA's 13 answers, in the package's order."""
+    return list(easy_vqa.get_answers())
+
+
+def answer_type(answer: str) -> str:
+    """``"yes/no"``, ``"color"`` or ``"shape"`` for an easy-VQA answer.
+
+    Raises:
+        ValueError: If ``answer`` is not one of the 13 answers.
+    """
+    if answer in ("yes", "no"):
+        return "yes/no"
+    if answer in COLORS:
+        return "color"
+    if answer in SHAPES:
+        return "shape"
+    raise ValueError(f"{answer!r} is not an easy-VQA answer; expected one of {answer_vocabulary()}")
+
+
+@lru_cache(maxsize=2)
+def _load(split: str) -> tuple[VQASample, ...]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    texts, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    samples = []
+    for i, (q, a, image_id) in enumerate(zip(texts, answers, image_ids)):
+        if image_id not in paths:
+            raise ValueError(f"easy_vqa {split} question {i} ({q!r}) refers to image {image_id}, which has no PNG")
+        samples.append(VQASample(paths[image_id], q, a, image_id, answer_type(a)))
+    return tuple(samples)
+
+
+def load_split(split: str) -> list[VQASample]:
+    """All questions of ``split`` (``"train"`` or ``"test"``) in the package's order.
+
+    Returns:
+        A list of :class:`VQASample` (38,575 for train, 9,673 for test).
+    """
+    return list(_load(split))
+
+
+def image_paths(split: str) -> dict[int, str]:
+    """easy-VQA image id -> absolute PNG path for ``split`` (4,000 train / 1,000 test images)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return dict(easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths())
+
+
+def group_by_image(samples: Iterable[VQASample]) -> dict[int, list[VQASample]]:
+    """Questions grouped by image id, images in first-seen order, questions in their original order."""
+    groups: dict[int, list[VQASample]] = {}
+    for s in samples:
+        groups.setdefault(s.image_id, []).append(s)
+    return groups
+
+
+def image_attributes(questions: Sequence[VQASample]) -> tuple[str | None, str | None]:
+    """The colour and shape of one image's shape, deduced from that image's own questions and answers.
+
+    "what color is the shape?" -> red gives the colour; "what is the red shape?" -> circle gives both; a yes/no
+    question about an attribute sets it (true, taking negation into account: "is there not a red shape?" -> no) or
+    rules it out (false); when all but one colour (or shape) is ruled out, the last one is it.
+
+    Args:
+        questions: All questions of one image.
+
+    Returns:
+        ``(color, shape)``; either is ``None`` when the questions do not determine it.
+
+    Raises:
+        ValueError: If the answers contradict each other (two different colours or shapes).
+    """
+    color = shape = None
+    not_colors: set[str] = set()
+    not_shapes: set[str] = set()
+
+    def setter(kind: str, value: str) -> None:
+        nonlocal color, shape
+        current = color if kind == "color" else shape
+        if current is not None and current != value:
+            raise ValueError(f"easy-VQA image {questions[0].image_id}: answers say both {current!r} and {value!r}")
+        if kind == "color":
+            color = value
+        else:
+            shape = value
+
+    for q in questions:
+        words = _WORD.findall(q.question)
+        colors = [w for w in words if w in COLORS]
+        shapes = [w for w in words if w in SHAPES]
+        if q.answer in COLORS:
+            setter("color", q.answer)
+            for s in shapes:  # "what color is the circle?"
+                setter("shape", s)
+        elif q.answer in SHAPES:
+            setter("shape", q.answer)
+            for c in colors:  # "what is the red shape?"
+                setter("color", c)
+        else:
+            negated = "not" in words or "no" in words  # "is there not a ...", "is no ... present?"
+            true = (q.answer == "yes") != negated
+            for c in colors:
+                if true:
+                    setter("color", c)
+                else:
+                    not_colors.add(c)
+            for s in shapes:
+                if true:
+                    setter("shape", s)
+                else:
+                    not_shapes.add(s)
+    if color is None and len(not_colors) == len(COLORS) - 1:
+        color = next(c for c in COLORS if c not in not_colors)
+    if shape is None and len(not_shapes) == len(SHAPES) - 1:
+        shape = next(s for s in SHAPES if s not in not_shapes)
+    return color, shape
+
+
+def derived_caption(color: str | None, shape: str | None) -> str | None:
+    """``"A red circle."``; ``"A red shape."`` or ``"A circle."`` when one attribute is unknown; ``None`` if both."""
+    if color is None and shape is None:
+        return None
+    if shape is None:
+        return f"A {color} shape."
+    return f"A {color} {shape}." if color else f"A {shape}."
+
+
+def derived_captions(samples: Iterable[VQASample]) -> dict[int, str]:
+    """Caption per image built from its own questions and answers (images with nothing known are left out).
+
+    On the train split 3,578 of 4,000 images get colour and shape, 393 one of them, 29 none.
+    """
+    captions = {}
+    for image_id, qs in group_by_image(samples).items():
+        caption = derived_caption(*image_attributes(qs))
+        if caption is not None:
+            captions[image_id] = caption
+    return captions
+
+
+def conversations(
+    samples: Iterable[VQASample], max_turns: int | None = None, shuffle_seed: int | None = None
+) -> dict[int, list[list[dict[str, str]]]]:
+    """LLaVA-style multi-turn conversations: all questions of one image in one conversation.
+
+    Args:
+        samples: Questions (e.g. :func:`load_split` ``("train")``).
+        max_turns: Split an image's questions into conversations of at most this many turns (``None``: one
+            conversation per image).
+        shuffle_seed: Shuffle each image's questions with this seed first (``None``: keep the package's order).
+
+    Returns:
+        image id -> list of conversations, each ``[{"role": "user", "content": "<image>\\nq1"},
+        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}, ...]``.
+    """
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1 or None, got {max_turns}")
+    out = {}
+    for image_id, qs in group_by_image(samples).items():
+        if shuffle_seed is not None:
+            qs = qs.copy()
+            random.Random(f"easy-vqa/{shuffle_seed}/{image_id}").shuffle(qs)
+        step = max_turns or len(qs)
+        convs = []
+        for start in range(0, len(qs), step):
+            messages = []
+            for k, q in enumerate(qs[start : start + step]):
+                messages.append({"role": "user", "content": ("<image>\n" + q.question) if k == 0 else q.question})
+                messages.append({"role": "assistant", "content": q.answer})
+            convs.append(messages)
+        out[image_id] = convs
+    return out
+
+
+def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED) -> list[VQASample]:
+    """A fixed, seeded sample of ``n`` questions from the TEST split, for the quick evaluation.
+
+    The sample is drawn with ``random.Random(seed)`` over the package's question order, then put back in that order
+    (so an image's questions stay together for batching). The default is the project's fixed 1,000-question subset.
+    """
+    test = _load("test")
+    if not 0 < n <= len(test):
+        raise ValueError(f"n must be in 1..{len(test)}, got {n}")
+    picked = sorted(random.Random(seed).sample(range(len(test)), n))
+    return [test[i] for i in picked]
+
+
+def build_records(split: str, max_turns: int | None = None, shuffle_seed: int | None = None) -> list[ImageRecord]:
+    """One :class:`~vlm_chat.shapes.ImageRecord` per image of ``split``: its conversation(s), its derived caption
+    (if any) and its questions as VQA rows. Image ids are ``easyvqa_<split>_<id>``."""
+    samples = load_split(split)
+    captions = derived_captions(samples)
+    convs = conversations(samples, max_turns=max_turns, shuffle_seed=shuffle_seed)
+    records = []
+    for image_id, qs in group_by_image(samples).items():
+        records.append(
+            ImageRecord(
+                image_id=f"easyvqa_{split}_{image_id}",
+                image=qs[0].image,
+                conversations=convs[image_id],
+                captions=[captions[image_id]] if image_id in captions else [],
+                vqa=[{"question": q.question, "answer": q.answer, "answer_type": q.answer_type} for q in qs],
+            )
+        )
+    return records
+
+
+def write_easyvqa(
+    out_dir: str | os.PathLike, split: str = "train", max_turns: int | None = None, shuffle_seed: int | None = None
+) -> dict[str, int]:
+    """Write ``split`` in the project's formats (images, ``conversations.json``, ``captions.jsonl``, ``vqa.jsonl``)
+    with :func:`vlm_chat.shapes.write_records`.
+
+    Returns:
+        Rows written per file.
+    """
+    if split == "test":
+        logger.warning("writing the easy-VQA TEST split: use it for evaluation only, never for training")
+    return write_records(out_dir, build_records(split, max_turns=max_turns, shuffle_seed=shuffle_seed))
