@@ -1,0 +1,364 @@
+"""``VLMChat``: build, load, save and talk to a vision-language model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig, TextIteratorStreamer
+
+from vlm_chat.config import FORMAT_VERSION, LMConfig, MapperConfig, VisionConfig, VLMConfig
+from vlm_chat.images import ImageLike, load_image
+from vlm_chat.language import load_lm, load_tokenizer, resolve_dtype
+from vlm_chat.mappers import build_mapper
+from vlm_chat.model import VLMModel
+from vlm_chat.prompting import Message, VLMProcessor
+from vlm_chat.vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+CAPTION_PROMPTS = {
+    False: "Describe the image in one short sentence.",
+    True: "Describe the image in detail.",
+}
+_VISION_DIR, _ADAPTER_DIR, _LM_DIR, _MAPPER_FILE = "vision", "adapter", "lm", "mapper.safetensors"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_local(name: str, base: Path) -> str:
+    """A path relative to a checkpoint directory if it exists there, else the name as given (hub id / abs path)."""
+    candidate = base / name
+    return str(candidate) if name and candidate.is_dir() else name
+
+
+class VLMChat:
+    """A chat-ready VLM: model, processor and config.
+
+    Build one with :meth:`from_components` (untrained) or :meth:`from_pretrained` (a saved directory).
+    """
+
+    def __init__(self, model: VLMModel, processor: VLMProcessor, config: VLMConfig, device: torch.device,
+                 source_dir: Path | None = None):
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.device = device
+        self._source_dir = source_dir  # where the vision tower came from, to copy it on save
+        self._lock = threading.Lock()  # one generation at a time per model (the app shares one instance)
+
+    # ------------------------------------------------------------------------------------------------ building
+    @classmethod
+    def _build(cls, config: VLMConfig, base_dir: Path | None = None, device: str | torch.device | None = None,
+               adapter_dir: Path | None = None, mapper_state: dict | None = None, is_trainable: bool = False,
+               seed: int = 0) -> VLMChat:
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = resolve_dtype(config.lm.dtype, device)
+        vision_cfg = VisionConfig(**{**vars(config.vision)})
+        lm_cfg = LMConfig(**{**vars(config.lm)})
+        if base_dir is not None:
+            vision_cfg.name_or_path = _resolve_local(config.vision.name_or_path, base_dir)
+            lm_cfg.name_or_path = _resolve_local(config.lm.name_or_path, base_dir)
+        tokenizer_src = str(base_dir) if base_dir is not None else lm_cfg.name_or_path
+        from vlm_chat.offline import resolve_lm
+
+        tokenizer = load_tokenizer(resolve_lm(tokenizer_src), config.image_token, lm_cfg.trust_remote_code)
+        vision = VisionTower(vision_cfg, dtype=dtype, trust_remote_code=lm_cfg.trust_remote_code)
+        lm = load_lm(lm_cfg, tokenizer, dtype, adapter_dir=adapter_dir, is_trainable=is_trainable)
+        d_lm = lm.get_input_embeddings().weight.shape[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the untrained mapper is the same for the same seed
+            mapper = build_mapper(config.mapper, vision.hidden_size, d_lm, grid=vision.grid)
+        if mapper_state is not None:
+            mapper.load_state_dict(mapper_state)
+        mapper.to(dtype)
+        n_vis = mapper.num_tokens(vision.num_tokens)
+        if config.num_image_tokens and config.num_image_tokens != n_vis:
+            raise ValueError(f"config says num_image_tokens={config.num_image_tokens} but the tower and mapper give {n_vis}")
+        config.num_image_tokens = n_vis
+        processor = VLMProcessor(tokenizer, vision.image_processor, config.image_token, n_vis, lm_cfg.max_length)
+        model = VLMModel(vision, mapper, lm, processor.image_token_id)
+        if not lm_cfg.load_in_4bit:  # bitsandbytes places 4-bit weights itself
+            model.to(device)
+        else:
+            vision.to(device)
+            mapper.to(device)
+        model.eval()
+        return cls(model, processor, config, device, source_dir=base_dir)
+
+    @classmethod
+    def from_components(cls, vision: str, lm: str, mapper: str = "mlp", *, feature_layer: int = -2,
+                        mapper_config: dict[str, Any] | None = None, lm_config: dict[str, Any] | None = None,
+                        device: str | torch.device | None = None, seed: int = 0) -> VLMChat:
+        """Assemble an untrained VLM from a vision tower and an LLM.
+
+        Args:
+            vision: Hub id or directory of a CLIP/SigLIP model.
+            lm: Hub id, directory or offline alias of a causal LM with a chat template.
+            mapper: ``mlp``, ``perceiver`` or ``qformer``.
+            feature_layer: Hidden state of the tower to use (-2: second to last).
+            mapper_config: Extra :class:`~vlm_chat.config.MapperConfig` fields (depth, pool, num_queries, ...).
+            lm_config: Extra :class:`~vlm_chat.config.LMConfig` fields (lora_r, load_in_4bit, dtype, max_length, ...).
+            device: ``cpu``/``cuda``; default: CUDA if available.
+            seed: Seed of the mapper's initialisation.
+
+        Returns:
+            The model with a fresh mapper and a fresh LoRA adapter (a no-op at init).
+        """
+        from vlm_chat.config import from_dict
+
+        config = VLMConfig(
+            vision=VisionConfig(name_or_path=str(vision), feature_layer=feature_layer),
+            mapper=from_dict(MapperConfig, {"kind": mapper, **(mapper_config or {})}, "mapper_config"),
+            lm=from_dict(LMConfig, {"name_or_path": str(lm), **(lm_config or {})}, "lm_config"),
+        )
+        return cls._build(config, device=device, is_trainable=True, seed=seed)
+
+    @classmethod
+    def from_config(cls, config: VLMConfig, device: str | torch.device | None = None, seed: int = 0) -> VLMChat:
+        """Assemble an untrained VLM from a :class:`VLMConfig` (as the training scripts do)."""
+        return cls._build(config, device=device, is_trainable=True, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        is_trainable: bool = False) -> VLMChat:
+        """Load a directory written by :meth:`save_pretrained`, a training run, or :meth:`export`.
+
+        Args:
+            path: The checkpoint directory.
+            device: ``cpu``/``cuda``; default: CUDA if available.
+            is_trainable: Load the LoRA adapter with gradients (to continue training).
+
+        Raises:
+            FileNotFoundError: the directory or one of its required files is missing (the message names it).
+            ValueError: the config is from an incompatible version or inconsistent.
+        """
+        base = Path(path)
+        if not base.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {base}")
+        config_path = base / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{base} is not a vlm-chat checkpoint: {config_path.name} is missing")
+        config = VLMConfig.load(config_path)
+        required = [_MAPPER_FILE, "tokenizer_config.json"]
+        if config.lm.use_lora:
+            required += [f"{_ADAPTER_DIR}/adapter_config.json", f"{_ADAPTER_DIR}/adapter_model.safetensors"]
+        for rel in required:
+            if not (base / rel).is_file():
+                raise FileNotFoundError(f"checkpoint {base} is missing {rel}")
+        mapper_state = load_file(str(base / _MAPPER_FILE))
+        adapter = base / _ADAPTER_DIR if config.lm.use_lora else None
+        chat = cls._build(config, base_dir=base, device=device, adapter_dir=adapter, mapper_state=mapper_state,
+                          is_trainable=is_trainable)
+        if is_trainable:
+            chat.model.configure_trainable(mapper=True, lora=config.lm.use_lora)
+        return chat
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, path: str | os.PathLike, card: str | None = None) -> None:
+        """Write the checkpoint directory atomically (a crash mid-save leaves any previous one intact).
+
+        Args:
+            path: Target directory (replaced if it exists).
+            card: Model card text (``README.md``); a default one is written if not given.
+        """
+        self._write(Path(path), merge=False, card=card)
+
+    def export(self, path: str | os.PathLike, card: str | None = None) -> None:
+        """Write a standalone directory with the LoRA adapter merged into a full copy of the LLM."""
+        self._write(Path(path), merge=True, card=card)
+
+    def _write(self, path: Path, merge: bool, card: str | None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            config = VLMConfig.from_dict(self.config.to_dict())
+            config.format_version = FORMAT_VERSION
+            mapper_state = {k: v.detach().contiguous().cpu() for k, v in self.model.mapper.state_dict().items()}
+            save_file(mapper_state, str(tmp / _MAPPER_FILE))
+            self.processor.tokenizer.save_pretrained(tmp)
+            self.processor.image_processor.save_pretrained(tmp)
+            self._save_vision(tmp / _VISION_DIR, config)
+            lm = self.model.lm
+            if merge:
+                if config.lm.load_in_4bit:
+                    raise ValueError("export merges LoRA into full-precision weights; load the model without 4-bit")
+                # A copy: merging in place would leave this instance without its adapter.
+                merged = copy.deepcopy(lm)
+                merged = merged.merge_and_unload() if hasattr(merged, "merge_and_unload") else merged
+                merged.save_pretrained(tmp / _LM_DIR)
+                self.processor.tokenizer.save_pretrained(tmp / _LM_DIR)
+                config.lm.name_or_path, config.lm.use_lora = _LM_DIR, False
+            elif hasattr(lm, "save_pretrained") and config.lm.use_lora:
+                # The image token's embedding rows are zeros rebuilt at load time, so no embedding layer is saved.
+                lm.save_pretrained(tmp / _ADAPTER_DIR, save_embedding_layers=False)
+            config.save(tmp / "config.json")
+            (tmp / "README.md").write_text(card or self._default_card(config))
+            for f in tmp.rglob("*"):  # flush to disk before the rename makes the directory visible
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("saved %s to %s", "merged model" if merge else "checkpoint", path)
+
+    def _save_vision(self, target: Path, config: VLMConfig) -> None:
+        """Save a local (e.g. self-trained) vision tower inside the checkpoint; a hub id stays a reference."""
+        name = self.config.vision.name_or_path
+        local = Path(name).is_dir() or (self._source_dir is not None and (self._source_dir / name).is_dir())
+        if not local:
+            return
+        self.model.vision.model.save_pretrained(target)
+        self.model.vision.image_processor.save_pretrained(target)
+        config.vision.name_or_path = _VISION_DIR
+
+    @staticmethod
+    def _default_card(config: VLMConfig) -> str:
+        return (
+            "# vlm-chat model\n\n"
+            f"- vision tower: `{config.vision.name_or_path}` (layer {config.vision.feature_layer}, frozen)\n"
+            f"- mapper: `{config.mapper.kind}` -> {config.num_image_tokens} visual tokens per image\n"
+            f"- language model: `{config.lm.name_or_path}`"
+            f"{' + LoRA r=' + str(config.lm.lora_r) if config.lm.use_lora else ''}\n\n"
+            "Load with `VLMChat.from_pretrained(path)`.\n"
+        )
+
+    # ------------------------------------------------------------------------------------------------ inference
+    def _inputs(self, images: list[ImageLike | None], prompts: list[str],
+                histories: list[list[Message] | None], reserve: int) -> dict[str, torch.Tensor]:
+        encoded, pil = [], []
+        for image, prompt, history in zip(images, prompts, histories):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+            if not prompt.strip():
+                raise ValueError("prompt is empty; ask a question (use caption() for a prompt-less description)")
+            if image is not None:
+                pil.append(load_image(image))
+            encoded.append(self.processor.encode_prompt(prompt, history, has_image=image is not None, reserve=reserve))
+        batch = self.processor.pad(encoded, padding_side="left")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if pil:
+            batch["pixel_values"] = self.processor.pixel_values(pil).to(self.device)
+        return batch
+
+    def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
+        tok = self.processor.tokenizer
+        settings = {
+            "max_new_tokens": 64,
+            "do_sample": False,
+            "eos_token_id": self.processor.stop_token_ids,
+            "pad_token_id": tok.pad_token_id,
+            "suppress_tokens": [self.processor.image_token_id],  # never emit the placeholder itself
+        }
+        settings.update(kwargs)
+        if not settings["do_sample"]:
+            # Greedy/beam decoding ignores these; dropping them avoids transformers' warnings about them.
+            for key in ("temperature", "top_p", "top_k"):
+                settings.pop(key, None)
+        return GenerationConfig(**settings)
+
+    @torch.inference_mode()
+    def _generate_ids(self, batch: dict[str, torch.Tensor], gen: GenerationConfig, streamer=None) -> torch.Tensor:
+        embeds = self.model.embed(batch["input_ids"], batch.get("pixel_values"))
+        return self.model.lm.generate(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], generation_config=gen, streamer=streamer
+        )
+
+    def generate(self, image: ImageLike | None, prompt: str, history: list[Message] | None = None,
+                 **generate_kwargs: Any) -> str:
+        """Answer ``prompt`` about ``image``.
+
+        Args:
+            image: PIL image, path, bytes or numpy array; ``None`` for a text-only turn.
+            prompt: The user's message. A literal ``<image>`` marks where the image goes.
+            history: Earlier turns, ``[{"role": "user"|"assistant", "content": str}, ...]``.
+            **generate_kwargs: transformers generation keywords (``max_new_tokens``, ``do_sample``, ``temperature``,
+                ``top_p``, ``num_beams``, ...). Default: greedy, 64 new tokens.
+
+        Returns:
+            The answer text.
+        """
+        return self.generate_batch([image], [prompt], [history], **generate_kwargs)[0]
+
+    def generate_batch(self, images: list[ImageLike | None], prompts: list[str],
+                       histories: list[list[Message] | None] | None = None, **generate_kwargs: Any) -> list[str]:
+        """Answer several prompts in one left-padded batch (same text as one at a time, greedy).
+
+        Args:
+            images: One image (or None) per prompt; either all images or all None.
+            prompts: The questions.
+            histories: Optional earlier turns per prompt.
+            **generate_kwargs: As in :meth:`generate`.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+        if len({img is None for img in images}) > 1:
+            raise ValueError("a batch must be all images or all text-only; split it")
+        histories = histories or [None] * len(prompts)
+        gen = self._generation_config(generate_kwargs)
+        with self._lock:
+            batch = self._inputs(images, prompts, histories, reserve=gen.max_new_tokens)
+            out = self._generate_ids(batch, gen)
+        return [t.strip() for t in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def stream(self, image: ImageLike | None, prompt: str, history: list[Message] | None = None,
+               **generate_kwargs: Any) -> Iterator[str]:
+        """Like :meth:`generate`, yielding text pieces as they are decoded."""
+        gen = self._generation_config(generate_kwargs)
+        batch = self._inputs([image], [prompt], [history], reserve=gen.max_new_tokens)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with self._lock:
+                    self._generate_ids(batch, gen, streamer)
+            except BaseException as e:  # surface the error in the caller's thread, not a dead worker
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        started = False
+        for piece in streamer:
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def caption(self, image: ImageLike, detailed: bool = False, **generate_kwargs: Any) -> str:
+        """A short (or detailed) description of ``image``."""
+        if image is None:
+            raise ValueError("caption() needs an image")
+        return self.generate(image, CAPTION_PROMPTS[bool(detailed)], **generate_kwargs)
+
+    def to(self, device: str | torch.device) -> VLMChat:
+        self.device = torch.device(device)
+        with contextlib.suppress(Exception):
+            self.model.to(self.device)
+        return self

@@ -1,0 +1,137 @@
+"""Turn whatever a user hands us (PIL image, path, bytes, numpy array) into an RGB ``PIL.Image``, or refuse clearly."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Images with more pixels than this are refused before decoding (decompression-bomb guard). 64 MP covers any photo.
+MAX_PIXELS = 64_000_000
+
+ImageLike = Any  # PIL.Image.Image | str | os.PathLike | bytes | numpy.ndarray
+
+
+def _check_pixels(width: int, height: int, what: str, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{what}: image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise ValueError(
+            f"{what}: image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(possible decompression bomb); resize it first"
+        )
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float images to 8 bits; PIL's own convert('RGB') would clip them."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
+        return Image.fromarray((scaled * 255.0).round().astype(np.uint8), mode="L")
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    img = _to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels have undefined colour: composite on white, as a viewer would show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    if arr.size == 0:
+        raise ValueError(f"image array has zero size (shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"image array must be HxW, HxWx3 or HxWx4 (channels last), got shape {arr.shape} (rank {arr.ndim})"
+        )
+    _check_pixels(arr.shape[1], arr.shape[0], "image array", max_pixels)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("image array contains NaN or inf")
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError(
+                f"float image array must hold values in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; "
+                "pass uint8 for 0-255 data"
+            )
+        arr = (arr * 255.0).round().astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"image array has unsupported dtype {arr.dtype}")
+        info = np.iinfo(arr.dtype)
+        arr = ((arr.astype(np.float64) - info.min) / (info.max - info.min) * 255.0).round().astype(np.uint8)
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
+def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
+    try:
+        img = Image.open(fp)
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{what}: not a readable image file ({e})") from e
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{what}: {e}") from e
+    _check_pixels(img.width, img.height, what, max_pixels)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated GIF/WebP/APNG: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)  # a phone photo shows the way its EXIF says
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{what}: image data is corrupt or truncated ({e})") from e
+    return img
+
+
+def load_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Load an image as RGB.
+
+    Args:
+        image: A ``PIL.Image``, a file path, raw encoded bytes, or a numpy array (HxW, HxWx3/4 uint8, or float in [0, 1]).
+        max_pixels: Refuse images with more pixels than this (decompression-bomb guard).
+
+    Returns:
+        An RGB ``PIL.Image`` (EXIF rotation applied; first frame of an animation; transparency composited on white).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the data is not a decodable image, has zero size, or is over ``max_pixels``.
+        TypeError: the object is none of the accepted kinds.
+    """
+    if isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height, "image", max_pixels)
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        return _to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        return _to_rgb(_open(path, str(path), max_pixels))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
+            raise ValueError("image bytes are empty")
+        return _to_rgb(_open(io.BytesIO(bytes(image)), "image bytes", max_pixels))
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels)
+    raise TypeError(
+        f"image must be a PIL.Image, a path, bytes or a numpy array, got {type(image).__module__}.{type(image).__name__}"
+    )

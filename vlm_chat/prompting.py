@@ -1,0 +1,251 @@
+"""Prompts and labels from the LLM's own chat template.
+
+Messages are transformers-style (``{"role", "content"}``, content a string or a list of ``{"type": "image"}`` /
+``{"type": "text", "text"}`` parts). The image goes where the user wrote ``<image>`` or, if they did not, at the start
+of the first user turn (LLaVA's convention). The single image token is expanded to ``num_image_tokens`` copies after
+tokenization, so the text's token offsets stay intact.
+
+Assistant-token labels come from the template itself: the characters that the template adds when an assistant turn is
+appended (render messages[:i] with the generation prompt vs render messages[:i+1]) are that turn. No model-specific
+marker strings are searched for, which is what broke LLaVA's masking on other LLMs ("tokenization mismatch").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+Message = dict[str, Any]
+
+
+@dataclass
+class Encoded:
+    """One tokenized sample. ``labels`` is None for inference prompts."""
+
+    input_ids: list[int]
+    labels: list[int] | None = None
+    num_images: int = 0
+
+
+class VLMProcessor:
+    """Builds prompts, expands image tokens, derives assistant labels and pads batches.
+
+    Args:
+        tokenizer: The LLM's tokenizer, holding ``image_token`` as a special token.
+        image_processor: The vision tower's own image processor.
+        image_token: The placeholder string (``<image>``).
+        num_image_tokens: Visual tokens each image becomes.
+        max_length: Longest sequence, visual tokens included.
+    """
+
+    def __init__(self, tokenizer, image_processor, image_token: str, num_image_tokens: int, max_length: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.stop_token_ids = self._stop_token_ids()
+
+    # ----------------------------------------------------------------------------------------------- messages
+    def content_text(self, content: str | list[dict[str, Any]]) -> str:
+        """Flatten message content to the string the template sees; image parts become the image token."""
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise TypeError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+        pieces = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                pieces.append(self.image_token)
+            elif kind == "text":
+                pieces.append(part.get("text", ""))
+            else:
+                raise ValueError(f"message part must be {{'type': 'image'}} or {{'type': 'text', ...}}, got {part!r}")
+        # LLaVA's layout: an image part followed by text is "<image>\ntext".
+        return "".join(p if i == 0 or pieces[i - 1] != self.image_token else "\n" + p for i, p in enumerate(pieces))
+
+    def build_messages(self, prompt: str, history: list[Message] | None = None, has_image: bool = True) -> list[Message]:
+        """Conversation for one new user turn: earlier turns, then ``prompt``; the image in the first user turn.
+
+        A literal ``<image>`` anywhere in the user turns marks where the image goes instead.
+        """
+        messages = [{"role": m["role"], "content": self.content_text(m["content"])} for m in (history or [])]
+        messages.append({"role": "user", "content": prompt})
+        marked = sum(m["content"].count(self.image_token) for m in messages)
+        if has_image and marked == 0:
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[first_user] = {"role": "user", "content": f"{self.image_token}\n{messages[first_user]['content']}"}
+        return messages
+
+    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # ----------------------------------------------------------------------------------------------- encoding
+    def _check_images(self, text: str, num_images: int) -> None:
+        found = text.count(self.image_token)
+        if found != num_images:
+            raise ValueError(
+                f"the conversation has {found} '{self.image_token}' marker(s) but {num_images} image(s) were given; "
+                f"use exactly one '{self.image_token}' per image (or none, to put the image at the start)"
+            )
+
+    def _tokenize(self, text: str) -> Any:
+        # The rendered template already holds BOS/EOS where the model wants them (as apply_chat_template(tokenize=True)).
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+
+    def _expand(self, ids: list[int], labels: list[int] | None) -> tuple[list[int], list[int] | None]:
+        """Replace each image token by ``num_image_tokens`` copies (labels there: ignored)."""
+        out_ids, out_labels = [], ([] if labels is not None else None)
+        for i, tok in enumerate(ids):
+            if tok == self.image_token_id:
+                out_ids += [tok] * self.num_image_tokens
+                if out_labels is not None:
+                    out_labels += [IGNORE_INDEX] * self.num_image_tokens
+            else:
+                out_ids.append(tok)
+                if out_labels is not None:
+                    out_labels.append(labels[i])
+        return out_ids, out_labels
+
+    def assistant_char_spans(self, messages: list[Message]) -> list[tuple[int, int]]:
+        """Character spans of the rendered conversation that the model is trained to produce.
+
+        Each span runs from the assistant's first content character to the end of what the template appends for that
+        turn (its end-of-turn token included, so the model learns to stop), trailing whitespace excluded.
+        """
+        full = self.render(messages, add_generation_prompt=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            upto = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise ValueError(
+                    f"the chat template does not render turn {i} as an extension of the earlier turns, so assistant "
+                    "labels cannot be derived from it; use a template that renders conversations incrementally"
+                )
+            segment = upto[len(before):]
+            content = message["content"].strip()
+            start = segment.find(content) if content else -1
+            start = max(start, 0)  # a template that rewrites content: supervise its whole turn
+            end = len(segment.rstrip())
+            if end > start:
+                spans.append((len(before) + start, len(before) + end))
+        return spans
+
+    def encode_conversation(self, messages: list[Message], num_images: int) -> Encoded | None:
+        """Tokenize a training conversation with labels only on assistant tokens.
+
+        Returns:
+            The encoded sample, or None when it cannot be trained on: truncation to ``max_length`` would cut visual
+            tokens, or leaves no supervised token.
+        """
+        messages = [{"role": m["role"], "content": self.content_text(m["content"])} for m in messages]
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("a training conversation needs at least one assistant turn")
+        text = self.render(messages, add_generation_prompt=False)
+        self._check_images(text, num_images)
+        spans = self.assistant_char_spans(messages)
+        enc = self._tokenize(text)
+        labels = []
+        for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
+            supervised = any(e > a and s < b for a, b in spans)
+            labels.append(tok if supervised else IGNORE_INDEX)
+        ids, labels = self._expand(enc["input_ids"], labels)
+        if len(ids) > self.max_length:
+            last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
+            if last_image >= self.max_length:
+                logger.debug("skipping a sample: max_length=%d would cut its visual tokens", self.max_length)
+                return None
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            return None
+        return Encoded(ids, labels, num_images)
+
+    def encode_prompt(self, prompt: str, history: list[Message] | None = None, has_image: bool = True,
+                      reserve: int = 0) -> Encoded:
+        """Tokenize an inference prompt, ending with the template's generation prompt.
+
+        When it is longer than ``max_length - reserve``, the oldest earlier turns are dropped first and then the start of
+        the user's text; the visual tokens are never cut.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if has_image and prompt.count(self.image_token) > 1:
+            raise ValueError(f"the prompt holds {prompt.count(self.image_token)} '{self.image_token}' markers "
+                             "for one image; use at most one")
+        budget = self.max_length - reserve
+        history = list(history or [])
+        while True:
+            messages = self.build_messages(prompt, history, has_image)
+            text = self.render(messages, add_generation_prompt=True)
+            self._check_images(text, int(has_image))
+            ids, _ = self._expand(self._tokenize(text)["input_ids"], None)
+            overflow = len(ids) - budget
+            if overflow <= 0:
+                return Encoded(ids, None, int(has_image))
+            if len(history) >= 2:
+                history = history[2:]  # drop the oldest user/assistant pair; the image moves to the next user turn
+                continue
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            keep = [t for t in prompt_ids if t == self.image_token_id]
+            text_ids = [t for t in prompt_ids if t != self.image_token_id]
+            if len(text_ids) <= 1:
+                raise ValueError(
+                    f"the prompt does not fit in max_length={self.max_length} (with {reserve} tokens reserved for the "
+                    f"answer) even with its text removed: {self.num_image_tokens} visual tokens per image"
+                )
+            cut = min(len(text_ids) - 1, overflow + 2)
+            logger.warning("prompt is longer than the context: dropping its first %d text tokens", cut)
+            prompt = self.tokenizer.decode(keep + text_ids[cut:], skip_special_tokens=False)
+
+    # ----------------------------------------------------------------------------------------------- batching
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """Images (RGB PIL) -> ``[N, 3, H, W]`` with the tower's own preprocessing."""
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def pad(self, samples: list[Encoded], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad to the longest sample. Training pads right; batched generation pads left."""
+        width = max(len(s.input_ids) for s in samples)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        has_labels = samples[0].labels is not None
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        for row, s in enumerate(samples):
+            n = len(s.input_ids)
+            sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+            ids[row, sl] = torch.tensor(s.input_ids)
+            mask[row, sl] = 1
+            if has_labels:
+                labels[row, sl] = torch.tensor(s.labels)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if has_labels:
+            batch["labels"] = labels
+        return batch
+
+    def _stop_token_ids(self) -> list[int]:
+        """EOS plus the template's own end-of-turn token (e.g. ``<|im_end|>``, ``<|eot_id|>``), read off a render."""
+        stops = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "xyzzy"}]
+        try:
+            text = self.render(probe, add_generation_prompt=False)
+        except Exception:  # a template that insists on other roles: EOS alone
+            return stops
+        tail = text[text.rfind("xyzzy") + len("xyzzy"):].strip()
+        if tail:
+            first = self.tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+            if first and first[0] in set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder):
+                stops += [t for t in first if t not in stops]
+        return stops
