@@ -66,8 +66,13 @@ SIZE_RANGE = {"small": (0.16, 0.24), "large": (0.34, 0.44)}
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
-#: Prompts of the caption turns; ``VLMChat.caption`` should use the same ones so it asks what training taught.
-SHORT_CAPTION_PROMPTS = ("Write a short caption for this image.", "Describe the image briefly.")
+#: Prompts of the caption turns. The first of each is what ``VLMChat.caption`` sends (a test keeps them in step), so
+#: the model is asked at inference what it was taught; the others add variety.
+SHORT_CAPTION_PROMPTS = (
+    "Describe the image in one short sentence.",
+    "Write a short caption for this image.",
+    "Describe the image briefly.",
+)
 DETAILED_CAPTION_PROMPTS = ("Describe the image in detail.", "Give a detailed description of the image.")
 
 
