@@ -1,0 +1,129 @@
+"""easy-VQA loader: split sizes, answer vocabulary, derived captions that match the pixels, conversations, subset."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_chat import easyvqa as E
+from vlm_chat.shapes import COLOR_RGB, COLORS, SHAPES
+
+
+def _q(question: str, answer: str, image_id: int = 0) -> E.VQASample:
+    return E.VQASample("x.png", question, answer, image_id, E.answer_type(answer))
+
+
+def test_split_sizes_match_the_dataset_card():
+    train, test = E.load_split("train"), E.load_split("test")
+    assert len(train) == 38_575 and len(test) == 9_673
+    assert len({s.image_id for s in train}) == len(E.image_paths("train")) == 4_000
+    assert len({s.image_id for s in test}) == len(E.image_paths("test")) == 1_000
+    # The card's yes/no counts.
+    assert sum(s.answer_type == "yes/no" for s in train) == 28_407
+    assert sum(s.answer_type == "yes/no" for s in test) == 7_136
+    assert all(Path(s.image).is_file() for s in test[:50])
+    assert all("/test/" in s.image.replace("\\", "/") for s in test) and all("/train/" in s.image for s in train[:100])
+    with pytest.raises(ValueError, match="split must be one of"):
+        E.load_split("val")
+
+
+def test_answer_vocabulary():
+    vocab = E.answer_vocabulary()
+    assert len(vocab) == 13 and set(vocab) == set(COLORS) | set(SHAPES) | {"yes", "no"}
+    assert Counter(E.answer_type(a) for a in vocab) == {"color": 8, "shape": 3, "yes/no": 2}
+    with pytest.raises(ValueError, match="not an easy-VQA answer"):
+        E.answer_type("purple")
+
+
+def test_attributes_follow_answers_and_negations():
+    assert E.image_attributes([_q("what color is the shape?", "red"), _q("what shape is in the image?", "circle")]) == (
+        "red",
+        "circle",
+    )
+    assert E.image_attributes([_q("what is the teal shape?", "triangle")]) == ("teal", "triangle")
+    assert E.image_attributes([_q("is there not a blue shape?", "no")]) == ("blue", None)
+    assert E.image_attributes([_q("is no circle present?", "yes")]) == (None, None)
+    # Ruling out all shapes but one determines it.
+    qs = [_q("is there a circle?", "no"), _q("does the image not contain a triangle?", "yes")]
+    assert E.image_attributes(qs) == (None, "rectangle")
+    with pytest.raises(ValueError, match="both 'red' and 'blue'"):
+        E.image_attributes([_q("what color is the shape?", "red"), _q("is there a blue shape?", "yes")])
+    assert E.derived_caption("red", "circle") == "A red circle."
+    assert E.derived_caption("red", None) == "A red shape."
+    assert E.derived_caption(None, "circle") == "A circle."
+    assert E.derived_caption(None, None) is None
+
+
+def test_derived_captions_match_the_pixels():
+    train = E.load_split("train")
+    captions = E.derived_captions(train)
+    full = {i: c for i, c in captions.items() if len(c.split()) == 3 and "shape" not in c}
+    assert len(full) >= 3_500 and len(captions) >= 3_900
+    paths = E.image_paths("train")
+    rgb_to_name = {v: k for k, v in COLOR_RGB.items()}
+    for image_id in sorted(captions)[:200]:
+        words = captions[image_id].rstrip(".").lower().split()
+        pixels = np.asarray(Image.open(paths[image_id]).convert("RGB")).reshape(-1, 3)
+        values, counts = np.unique(pixels, axis=0, return_counts=True)
+        # The most frequent exact palette colour is the shape's colour (edges are anti-aliased blends).
+        palette = [
+            (c, tuple(int(x) for x in v)) for v, c in zip(values, counts) if tuple(int(x) for x in v) in rgb_to_name
+        ]
+        color = rgb_to_name[max(palette)[1]]
+        if words[1] in COLORS:
+            assert words[1] == color, (image_id, captions[image_id])
+
+
+def test_conversations_hold_all_questions_of_an_image():
+    train = E.load_split("train")
+    convs = E.conversations(train)
+    assert len(convs) == 4_000 and all(len(c) == 1 for c in convs.values())
+    by_image = E.group_by_image(train)
+    for image_id, (messages,) in list(convs.items())[:300]:
+        qs = by_image[image_id]
+        assert messages[0]["content"] == "<image>\n" + qs[0].question
+        assert [m["role"] for m in messages] == ["user", "assistant"] * len(qs)
+        assert [m["content"] for m in messages[1::2]] == [q.answer for q in qs]
+        assert sum("<image>" in m["content"] for m in messages) == 1
+    total = sum(len(m) // 2 for (m,) in convs.values())
+    assert total == 38_575
+    split = E.conversations(train[:40], max_turns=3)
+    for image_id, parts in split.items():
+        assert [len(m) // 2 for m in parts][:-1] == [3] * (len(parts) - 1)
+        assert sum(len(m) // 2 for m in parts) == len(E.group_by_image(train[:40])[image_id])
+        assert all(m[0]["content"].startswith("<image>\n") for m in parts)
+    shuffled = E.conversations(train[:40], shuffle_seed=1)
+    assert shuffled == E.conversations(train[:40], shuffle_seed=1) != E.conversations(train[:40])
+
+
+def test_quick_subset_is_fixed_and_from_test():
+    a, b = E.quick_eval_subset(), E.quick_eval_subset()
+    assert a == b and len(a) == 1_000
+    test = E.load_split("test")
+    index = {s: i for i, s in enumerate(test)}
+    positions = [index[s] for s in a]
+    assert positions == sorted(set(positions))  # distinct, in the package's order
+    assert E.quick_eval_subset(seed=1) != a
+    types = Counter(s.answer_type for s in a)
+    assert set(types) == {"yes/no", "color", "shape"}
+
+
+def test_written_test_split_reads_back(tmp_path):
+    from vlm_chat.data import load_captions, load_conversations
+
+    counts = E.write_easyvqa(tmp_path, split="test")
+    assert counts["images"] == 1_000 and counts["vqa.jsonl"] == 9_673 and counts["conversations.json"] == 1_000
+    convs, report = load_conversations(tmp_path / "conversations.json", verify_images=False)
+    assert len(convs) == 1_000 and report.skipped == 0
+    caps, report = load_captions(tmp_path / "captions.jsonl", verify_images=False)
+    assert len(caps) == counts["captions.jsonl"] and report.skipped == 0
+    rows = [json.loads(line) for line in (tmp_path / "vqa.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"image", "question", "answer", "answer_type"}
+    original = E.image_paths("test")
+    image_id = int(rows[0]["image"].rsplit("_", 1)[1].removesuffix(".png"))
+    assert (tmp_path / rows[0]["image"]).read_bytes() == Path(original[image_id]).read_bytes()
