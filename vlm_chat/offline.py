@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_model
+
 logger = logging.getLogger(__name__)
 
 #: Config name of the offline LLM. It is the Q4_1 GGUF dequantized to float, not the original bf16 checkpoint.
@@ -63,7 +65,11 @@ def convert_smollm2(target: Path | None = None) -> Path:
     # Write next to the target and rename, so an interrupted conversion never leaves a half directory behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        # transformers refuses save_pretrained on a GGUF-loaded model, although its weights are plain tensors by now:
+        # write them with safetensors (save_model handles the tied embedding / LM head pair) and the config as JSON.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
