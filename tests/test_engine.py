@@ -1,0 +1,270 @@
+"""The training engine on a tiny regression problem: learning, freezing, resume, atomicity, NaN, accumulation."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vlm_chat.training.args import ConfigError, TrainConfig
+from vlm_chat.training.engine import (
+    EpochSampler,
+    NonFiniteLossError,
+    atomic_directory,
+    find_latest_checkpoint,
+    train,
+)
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands in for a process dying at a chosen point."""
+
+
+def _dataset(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.randn(4, 2, generator=g) + 0.5
+    return [(x[i], y[i]) for i in range(n)]
+
+
+def _collate(samples):
+    return {"x": torch.stack([s[0] for s in samples]), "y": torch.stack([s[1] for s in samples])}
+
+
+class Model(torch.nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(1)
+        self.encoder = torch.nn.Linear(4, 16)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(16, 2)
+        self.frozen = torch.nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(self.head(self.dropout(torch.tanh(self.encoder(x)))))
+
+
+class LossFn:
+    """MSE; optionally raises (a crash) or returns NaN at a given call."""
+
+    def __init__(self, crash_at_call=None, nan_at_call=None):
+        self.calls = 0
+        self.crash_at_call = crash_at_call
+        self.nan_at_call = nan_at_call
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.crash_at_call:
+            raise SimulatedCrash(f"crash in call {self.calls}")
+        err = model(batch["x"]) - batch["y"]
+        loss = (err**2).mean()
+        if self.calls == self.nan_at_call:
+            loss = loss * float("nan")
+        return loss, {"mae": err.abs().mean()}
+
+
+def _cfg(out, **kw):
+    base = dict(
+        output_dir=str(out),
+        max_steps=6,
+        per_device_batch_size=4,
+        learning_rate=0.02,
+        lr_scheduler="constant",
+        save_steps=0,
+        logging_steps=1,
+        disable_tqdm=True,
+        report_to="none",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _log_losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_and_frozen_params_stay_bit_identical(tmp_path):
+    model = Model()
+    before = _weights(model)
+    result = train(model, _dataset(16), _collate, LossFn(), _cfg(tmp_path, max_steps=60, learning_rate=0.05))
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < 0.1 * sum(losses[:5]) / 5
+    after = model.state_dict()
+    assert torch.equal(before["frozen.weight"], after["frozen.weight"])
+    assert torch.equal(before["frozen.bias"], after["frozen.bias"])
+    assert not torch.equal(before["encoder.weight"], after["encoder.weight"])
+    assert not torch.equal(before["head.bias"], after["head.bias"])
+
+
+def test_exact_resume_after_crash_equals_uninterrupted_run(tmp_path):
+    # Dropout (RNG), gradient accumulation, and an epoch boundary inside the resumed part all must line up:
+    # 32 samples / (4 x 2) = 4 steps per epoch, crash in step 4, resume from step 3.
+    cfg = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=3, lr_scheduler="cosine", warmup_steps=2)
+    straight = Model(dropout=0.2)
+    result = train(straight, _dataset(), _collate, LossFn(), _cfg(tmp_path / "a", **cfg))
+    straight_losses = [h["loss"] for h in result["history"]]
+
+    crashed = Model(dropout=0.2)
+    with pytest.raises(SimulatedCrash):
+        train(crashed, _dataset(), _collate, LossFn(crash_at_call=2 * 3 + 2), _cfg(tmp_path / "b", **cfg))
+    assert find_latest_checkpoint(tmp_path / "b").name == "step-3"
+
+    resumed = Model(dropout=0.2)  # fresh process: weights come from the checkpoint
+    result = train(resumed, _dataset(), _collate, LossFn(), _cfg(tmp_path / "b", resume="latest", **cfg))
+    assert result["resumed_from"].name == "step-3"
+    assert [h["step"] for h in result["history"]] == [4, 5, 6]
+    assert [h["loss"] for h in result["history"]] == straight_losses[3:]  # exact, not approximate
+    assert _log_losses(tmp_path / "b") == straight_losses  # the log has no duplicate/partial steps
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_crash_mid_save_keeps_previous_checkpoint_loadable(tmp_path):
+    saves = []
+
+    def on_save(directory):
+        saves.append(directory)
+        (directory / "weights.bin").write_bytes(b"partial")
+        if len(saves) == 2:  # the step-4 checkpoint: die halfway through writing it
+            raise SimulatedCrash("killed while saving")
+        (directory / "done.txt").write_text("ok")
+
+    with pytest.raises(SimulatedCrash):
+        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, save_steps=2), on_save=on_save)
+    checkpoints = tmp_path / "checkpoints"
+    assert not (checkpoints / "step-4").exists()
+    latest = find_latest_checkpoint(tmp_path)
+    assert latest.name == "step-2"
+    assert (latest / "model" / "done.txt").read_text() == "ok"
+
+    # The half-written temporary directory is ignored and cleaned; the run resumes from step 2 and finishes.
+    resumed = Model()
+    result = train(resumed, _dataset(), _collate, LossFn(), _cfg(tmp_path, save_steps=2, resume="latest"))
+    assert result["resumed_from"].name == "step-2"
+    assert result["global_step"] == 6
+    assert not list(checkpoints.glob(".tmp-*"))
+    reference = Model()
+    train(reference, _dataset(), _collate, LossFn(), _cfg(tmp_path / "ref"))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_atomic_directory_keeps_old_content_when_writing_fails(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("v1")
+    with pytest.raises(SimulatedCrash), atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("v2-partial")
+        raise SimulatedCrash()
+    assert (target / "a.txt").read_text() == "v1"
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("v2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or old copies left
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    model = Model()
+    with pytest.raises(NonFiniteLossError, match=r"step 5\b.*step-4"):
+        train(model, _dataset(), _collate, LossFn(nan_at_call=5), _cfg(tmp_path, save_steps=2, save_total_limit=1))
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not touch the weights
+    latest = find_latest_checkpoint(tmp_path)
+    assert latest.name == "step-4"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4"]  # save_total_limit=1
+    with safe_open(str(latest / "accelerate" / "model.safetensors"), framework="pt") as fh:
+        assert all(torch.isfinite(fh.get_tensor(k)).all() for k in fh.keys())
+    assert len(_log_losses(tmp_path)) == 4  # only the finite steps were logged
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    full = Model()
+    r_full = train(full, _dataset(), _collate, LossFn(), _cfg(tmp_path / "full", per_device_batch_size=8))
+    accum = Model()
+    r_accum = train(
+        accum,
+        _dataset(),
+        _collate,
+        LossFn(),
+        _cfg(tmp_path / "acc", per_device_batch_size=4, gradient_accumulation_steps=2),
+    )
+    assert [h["loss"] for h in r_accum["history"]] == pytest.approx([h["loss"] for h in r_full["history"]], rel=1e-5)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(accum.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_param_groups_get_their_own_learning_rates(tmp_path):
+    model = Model()
+    groups = [
+        {"name": "encoder", "params": list(model.encoder.parameters())},
+        {"name": "head", "params": list(model.head.parameters()), "lr": 0.5},
+    ]
+    cfg = _cfg(tmp_path, max_steps=2, learning_rate=0.01, lr_groups={"encoder": 0.003})
+    record = train(model, _dataset(), _collate, LossFn(), cfg, param_groups=groups)["history"][-1]
+    assert record["lr/encoder"] == pytest.approx(0.003)
+    assert record["lr/head"] == pytest.approx(0.5)
+
+    with pytest.raises(ConfigError, match=r"'mapper'.*\['encoder', 'head'\]"):
+        train(
+            Model(),
+            _dataset(),
+            _collate,
+            LossFn(),
+            _cfg(tmp_path / "x", lr_groups={"mapper": 1.0}),
+            param_groups=groups,
+        )
+    missing = [{"name": "encoder", "params": list(model.encoder.parameters())}]
+    with pytest.raises(ValueError, match="no parameter group"):
+        train(model, _dataset(), _collate, LossFn(), _cfg(tmp_path / "y"), param_groups=missing)
+
+
+def test_checkpoint_holds_only_trainable_weights_and_final_dir_is_written(tmp_path):
+    def on_save(directory):
+        (directory / "marker.txt").write_text("model artifacts")
+
+    result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, save_steps=3), on_save=on_save)
+    with safe_open(str(result["last_checkpoint"] / "accelerate" / "model.safetensors"), framework="pt") as fh:
+        assert sorted(fh.keys()) == ["encoder.bias", "encoder.weight", "head.bias", "head.weight"]
+    assert (tmp_path / "final" / "marker.txt").read_text() == "model artifacts"
+    assert (tmp_path / "checkpoints" / "step-3" / "model" / "marker.txt").is_file()
+
+
+def test_resume_refuses_a_different_batch_layout(tmp_path):
+    train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=2))
+    with pytest.raises(ConfigError, match="per_device_batch_size: checkpoint 4 vs now 8"):
+        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, per_device_batch_size=8, resume="latest"))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, resume=str(tmp_path / "nope")))
+
+
+def test_dataset_smaller_than_one_step_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="3 samples, fewer than one optimizer step"):
+        train(Model(), _dataset(3), _collate, LossFn(), _cfg(tmp_path))
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=2, report_to="tensorboard"))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_epoch_sampler_depends_only_on_seed_and_epoch():
+    a, b = EpochSampler(10, seed=3, multiple=4), EpochSampler(10, seed=3, multiple=4)
+    b.set_epoch(1)
+    first_b = list(b)
+    b.set_epoch(0)
+    assert list(a) == list(b)  # same (seed, epoch) -> same order, whatever happened before
+    assert len(list(a)) == 8 and len(set(a)) == 8  # cut to whole steps, no repeats
+    assert first_b != list(a)
+    assert list(EpochSampler(10, seed=4, multiple=4)) != list(a)
+
+
+def test_num_epochs_sets_the_step_count(tmp_path):
+    result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=-1, num_epochs=1.5))
+    assert result["global_step"] == math.ceil(1.5 * 32 / 4)
