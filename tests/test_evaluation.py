@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -334,3 +335,17 @@ def test_evaluate_encoder_on_tiny_dual_encoder(tmp_path, family):
     model.save_pretrained(tmp_path / "enc")
     r2 = ev.evaluate_encoder(str(tmp_path / "enc"), processor, caption_items, class_items, names, "a {}", 5)
     assert r2 == pytest.approx(r)
+
+
+def test_load_eval_jsonl_reads_written_sets(tmp_path):
+    counts = sw.write_shapes_dataset(tmp_path, n_images=3, seed=1)
+    vqa = ev.load_eval_jsonl(tmp_path / "vqa.jsonl", required=("image", "question", "answer"))
+    pope = ev.load_eval_jsonl(tmp_path / "pope.jsonl", required=("image", "question", "label"))
+    assert len(vqa) == counts["vqa.jsonl"] and len(pope) == counts["pope.jsonl"]
+    assert all(os.path.isabs(r["image"]) and os.path.isfile(r["image"]) for r in vqa + pope)
+    (tmp_path / "bad.jsonl").write_text('{"image": "images/x.png"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 1: missing field"):
+        ev.load_eval_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('\n{"image": "nope.png", "question": "q"}\n')
+    with pytest.raises(FileNotFoundError, match="line 2: image"):
+        ev.load_eval_jsonl(tmp_path / "bad.jsonl")

@@ -81,6 +81,52 @@ def infer_answer_type(answer: str) -> str:
     return "number" if norm.isdigit() else "other"
 
 
+def load_eval_jsonl(
+    path: str | os.PathLike,
+    required: Sequence[str] = ("image", "question"),
+    image_folder: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Read evaluation rows (``vqa.jsonl``, ``pope.jsonl`` as written by :func:`vlm_chat.shapes.write_records`).
+
+    Args:
+        path: The JSONL file.
+        required: Fields every row must have (e.g. add ``"answer"`` for VQA, ``"label"`` for POPE).
+        image_folder: Folder the relative ``image`` paths live in; default: the file's directory.
+
+    Returns:
+        The rows as dicts, ``image`` made an absolute path.
+
+    Raises:
+        ValueError: A malformed line or a missing field, naming the file and line.
+        FileNotFoundError: The file or a row's image does not exist.
+    """
+    import json
+
+    path = os.fspath(path)
+    folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}, line {lineno}: missing field(s) {missing}")
+            if "image" in row:
+                image = os.path.join(folder, row["image"])
+                if not os.path.isfile(image):
+                    raise FileNotFoundError(f"{path}, line {lineno}: image {image} does not exist")
+                row["image"] = os.path.abspath(image)
+            rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # VQA accuracy
 
