@@ -127,3 +127,16 @@ def test_written_test_split_reads_back(tmp_path):
     original = E.image_paths("test")
     image_id = int(rows[0]["image"].rsplit("_", 1)[1].removesuffix(".png"))
     assert (tmp_path / rows[0]["image"]).read_bytes() == Path(original[image_id]).read_bytes()
+
+
+def test_labelled_images_for_zero_shot():
+    assert len(E.CLASS_NAMES) == 24 and len(set(E.CLASS_NAMES)) == 24
+    items = E.labelled_images("test")
+    assert len(items) == 888
+    assert {name for _, name in items} <= set(E.CLASS_NAMES)
+    assert len({name for _, name in items}) == 24  # every class occurs
+    captions = E.derived_captions(E.load_split("test"))
+    paths = E.image_paths("test")
+    by_path = {p: i for i, p in paths.items()}
+    for path, name in items[:100]:
+        assert captions[by_path[path]] == f"A {name}."
