@@ -1,0 +1,127 @@
+"""The web UI in a real browser: headless Chromium (Debian's ``chromium``) driven by Playwright.
+
+Runs the app on a tiny random checkpoint, uploads an image, asks, waits for the streamed answer, asks a follow-up,
+checks a bad request shows a message, and saves a screenshot (its path is printed). Skips when Chromium or Playwright
+is missing; ``.ci/browser-deps`` installs Chromium. Never run ``playwright install``: the system browser is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from vlm_chat import VLMChat
+from vlm_chat.app import UISettings, build_app, launch_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("VLM_CHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ASSET = Path(__file__).resolve().parents[1] / "vlm_chat" / "assets" / "shapes_seed7_4.png"
+SCREENSHOT_DIR = Path(os.environ.get("VLM_CHAT_ARTIFACTS", Path(__file__).resolve().parent / "_artifacts"))
+GEN = {"max_new_tokens": 12, "do_sample": False}
+TIMEOUT_MS = 60_000
+
+
+def _words(text: str) -> str:
+    # The chatbot renders markdown; compare the letters and digits, which rendering does not change.
+    return re.sub(r"[\W_]+", "", text)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file() or not shutil.which(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install it with .ci/browser-deps (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_clip_dir, tiny_llama_dir):
+    path = tmp_path_factory.mktemp("tiny_vlm_browser")
+    VLMChat.from_components(str(tiny_clip_dir), str(tiny_llama_dir), device="cpu").save_pretrained(path)
+    chat = VLMChat.from_pretrained(path, device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_app(chat, UISettings(max_new_tokens=GEN["max_new_tokens"]), model_name="tiny test checkpoint")
+    url = launch_app(demo, host="127.0.0.1", port=port, block=False)
+    yield url, chat
+    demo.close()
+
+
+def _wait_for_answer(page, n_answers: int) -> str:
+    """Wait until the n-th bot message is complete (the chatbot's progress tracker hidden again); return its text."""
+    bot = page.locator("#vlm-chatbot [data-testid='bot']")
+    page.wait_for_function(
+        """n => {
+            const msgs = document.querySelectorAll("#vlm-chatbot [data-testid='bot']");
+            const tracker = document.querySelector("#vlm-chatbot [data-testid='status-tracker']");
+            return msgs.length >= n && msgs[n - 1].innerText.trim().length > 0
+                && (!tracker || tracker.classList.contains("hide"));
+        }""",
+        arg=n_answers,
+        timeout=TIMEOUT_MS,
+    )
+    return bot.nth(n_answers - 1).inner_text()
+
+
+def test_chat_in_a_real_browser(browser, served, capsys):
+    url, chat = served
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.locator("#vlm-image input[type=file]").set_input_files(str(ASSET))
+    question = page.locator("#vlm-question textarea")
+    question.fill("Where is the green circle?")
+    page.locator("#vlm-send").click()
+    answer = _wait_for_answer(page, 1)
+    assert answer.strip()
+    assert _words(answer) == _words(chat.generate(str(ASSET), "Where is the green circle?", **GEN))
+    assert question.input_value() == ""  # the box is cleared for the next question
+
+    # A follow-up (Enter) continues the same conversation: the model sees the first exchange as history.
+    question.fill("And the red triangle?")
+    question.press("Enter")
+    follow_up = _wait_for_answer(page, 2)
+    history = [
+        {"role": "user", "content": "Where is the green circle?"},
+        {"role": "assistant", "content": chat.generate(str(ASSET), "Where is the green circle?", **GEN)},
+    ]
+    expected = chat.generate(str(ASSET), "And the red triangle?", history=history, **GEN)
+    assert _words(follow_up) == _words(expected)
+    assert page.locator("#vlm-chatbot [data-testid='user']").count() == 2
+
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOT_DIR / "app_chat.png"
+    page.screenshot(path=str(shot), full_page=True)
+
+    # An empty question is a message in the page, and the conversation is untouched.
+    page.locator("#vlm-send").click()
+    page.get_by_text("Type a question about the image first.").first.wait_for()
+    assert page.locator("#vlm-chatbot [data-testid='bot']").count() == 2
+
+    # Picking an example loads its image and question, and a new image starts a new conversation.
+    page.locator("#vlm-examples tbody tr").first.click()
+    page.wait_for_function("() => !document.querySelector(\"#vlm-chatbot [data-testid='bot']\")")
+    assert question.input_value().endswith("?")
+    page.close()
+    with capsys.disabled():
+        print(f"\nbrowser screenshot: {shot}")
+    assert shot.stat().st_size > 10_000

@@ -1,0 +1,309 @@
+"""The ``vlm-chat`` command line: ask about an image, caption it, serve the web UI.
+
+Examples::
+
+    vlm-chat chat --image cat.png "What is on the table?" --stream
+    vlm-chat caption cat.png --detailed
+    vlm-chat serve --model runs/instruct/final --port 7860
+
+Every subcommand takes ``--model DIR`` (default: the shipped demo model, ``vlm_chat.DEMO_MODEL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import vlm_chat
+
+if TYPE_CHECKING:
+    from vlm_chat.chat import VLMChat
+
+logger = logging.getLogger(__name__)
+
+#: Defaults shared by the command line and the web UI.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_TOP_P = 0.9
+#: Gradio refuses larger uploads before they reach the model (the server answers 413).
+DEFAULT_MAX_FILE_SIZE = "20mb"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (bad flag value, missing model directory); printed without a traceback."""
+
+
+def generation_kwargs(
+    max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None
+) -> dict[str, Any]:
+    """Translate the user-facing generation settings into transformers ``generate`` keywords.
+
+    Args:
+        max_new_tokens: Upper bound on generated tokens; ``None`` keeps the library default.
+        temperature: ``0`` (or ``None``) means greedy decoding, which is deterministic; above 0 samples.
+        top_p: Nucleus-sampling mass, used only when sampling.
+
+    Returns:
+        Keywords for ``VLMChat.generate`` / ``stream`` / ``caption``.
+
+    Raises:
+        ValueError: a setting is out of range (the message names it).
+    """
+    kwargs: dict[str, Any] = {}
+    if max_new_tokens is not None:
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        kwargs["max_new_tokens"] = int(max_new_tokens)
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not temperature:
+        # Passing temperature/top_p with do_sample=False only makes transformers warn; greedy ignores them.
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=float(temperature))
+        if top_p is not None:
+            kwargs["top_p"] = float(top_p)
+    return kwargs
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """Return the checkpoint directory to load, or raise a `UsageError` that tells the user what to pass.
+
+    Args:
+        model: The ``--model`` value; ``None`` means the shipped demo model.
+
+    Returns:
+        The directory path as a string.
+    """
+    path = Path(model) if model else Path(vlm_chat.DEMO_MODEL)
+    if path.is_dir():
+        return str(path)
+    if model is None:
+        raise UsageError(
+            f"the demo model is not built yet (no directory {path}). Build it with `python train/quickstart.py`, "
+            "or pass --model DIR with a checkpoint written by VLMChat.save_pretrained or a training run"
+        )
+    if path.exists():
+        raise UsageError(f"--model {model}: not a directory; pass a checkpoint directory written by save_pretrained")
+    raise UsageError(f"--model {model}: directory not found")
+
+
+def load_model(model: str | None) -> VLMChat:
+    """Load a checkpoint directory once (``None`` = the demo model), logging what was loaded."""
+    from vlm_chat.chat import VLMChat
+
+    path = resolve_model_dir(model)
+    logger.info("loading model from %s", path)
+    try:
+        return VLMChat.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:
+        # The library names the missing file or the incompatible field; say which --model it was.
+        raise UsageError(f"cannot load model from {path}: {e}") from e
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _model_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="checkpoint directory (written by save_pretrained or training); default: the shipped demo model",
+    )
+    parent.add_argument("-v", "--verbose", action="store_true", help="log progress (model loading, requests)")
+    return parent
+
+
+def _generation_parent(max_new_tokens: int | None) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("generation")
+    group.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=max_new_tokens,
+        help="most tokens to generate" + (f" (default {max_new_tokens})" if max_new_tokens else ""),
+    )
+    group.add_argument(
+        "--temperature", type=_non_negative_float, default=0.0, help="0 = greedy, deterministic (default 0)"
+    )
+    group.add_argument(
+        "--top-p",
+        type=_probability,
+        default=DEFAULT_TOP_P,
+        help=f"nucleus sampling mass when temperature > 0 (default {DEFAULT_TOP_P})",
+    )
+    group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlm-chat`` argument parser (subcommands: chat, caption, serve, and eval when available)."""
+    parser = argparse.ArgumentParser(
+        prog="vlm-chat", description="Chat with a small vision-language model about an image."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {vlm_chat.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model = _model_parent()
+
+    chat = sub.add_parser(
+        "chat",
+        parents=[model, _generation_parent(DEFAULT_MAX_NEW_TOKENS)],
+        help="answer a question about an image",
+        description="Answer a question about an image and print the answer.",
+    )
+    chat.add_argument("--image", metavar="PATH", default=None, help="image file (omit for a text-only question)")
+    chat.add_argument("question", nargs="+", help="the question (several words are joined with spaces)")
+    chat.add_argument("--stream", action="store_true", help="print the answer token by token as it is generated")
+
+    caption = sub.add_parser(
+        "caption",
+        parents=[model, _generation_parent(None)],
+        help="caption an image",
+        description="Print a caption of an image.",
+    )
+    caption.add_argument("image", metavar="PATH", help="image file")
+    caption.add_argument("--detailed", action="store_true", help="a longer, detailed caption")
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[model, _generation_parent(DEFAULT_MAX_NEW_TOKENS)],
+        help="open the web UI (same as `python app.py`)",
+        description="Serve the Gradio web UI. Generation flags set the UI's initial settings and the API defaults.",
+    )
+    serve.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    serve.add_argument(
+        "--max-file-size",
+        default=DEFAULT_MAX_FILE_SIZE,
+        help=f"largest accepted upload, e.g. 5mb (default {DEFAULT_MAX_FILE_SIZE})",
+    )
+    serve.add_argument(
+        "--max-pixels", type=_positive_int, default=None, help="largest accepted image in pixels (default: library cap)"
+    )
+    serve.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        help="generations run at once; others wait in the queue (default 1, right for a CPU)",
+    )
+    return parser
+
+
+def _run_chat(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+    from vlm_chat.images import load_image
+
+    # Read the image before loading the model: a typo in the path should not cost a model load.
+    image = load_image(args.image) if args.image is not None else None
+    question = " ".join(args.question)
+    if not question.strip():
+        raise UsageError("the question is empty")
+    chat = load_model(args.model)
+    if args.stream:
+        for piece in chat.stream(image, question, **gen):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(chat.generate(image, question, **gen))
+    return 0
+
+
+def _run_caption(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+    from vlm_chat.images import load_image
+
+    image = load_image(args.image)
+    chat = load_model(args.model)
+    print(chat.caption(image, detailed=args.detailed, **gen))
+    return 0
+
+
+def _run_serve(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+    from vlm_chat.app import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        max_file_size=args.max_file_size,
+        max_pixels=args.max_pixels,
+        concurrency=args.concurrency,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``vlm-chat`` command line.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The process exit status: 0 on success, 2 on a usage or input error (the message goes to stderr).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "seed", None) is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve}
+    try:
+        gen = generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
+        return runners[args.command](args, gen)
+    except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
+        # Bad paths, unreadable images and bad prompts are the user's to fix: one clear line, no traceback
+        # (unless --verbose, where a wrongly caught bug should still be debuggable).
+        if getattr(args, "verbose", False):
+            logger.exception("%s failed", args.command)
+        print(f"vlm-chat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
