@@ -5,6 +5,7 @@ Examples::
     vlm-chat chat --image cat.png "What is on the table?" --stream
     vlm-chat caption cat.png --detailed
     vlm-chat serve --model runs/instruct/final --port 7860
+    vlm-chat eval vqa --model runs/instruct/final --output results/vqa.json
 
 Every subcommand takes ``--model DIR`` (default: the shipped demo model, ``vlm_chat.DEMO_MODEL``).
 """
@@ -31,6 +32,10 @@ DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_TOP_P = 0.9
 #: Gradio refuses larger uploads before they reach the model (the server answers 413).
 DEFAULT_MAX_FILE_SIZE = "20mb"
+#: Shapes-world seed of ``vlm-chat eval``'s default POPE and caption sets: not a training seed, so the scenes are unseen.
+SHAPES_EVAL_SEED = 1234
+#: Result keys that hold one entry per sample: written by ``--output``, left out of the printed summary.
+_PER_SAMPLE_KEYS = ("predictions", "captions", "cider_per_image")
 
 
 class UsageError(Exception):
@@ -172,7 +177,7 @@ def _generation_parent(max_new_tokens: int | None) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vlm-chat`` argument parser (subcommands: chat, caption, serve, and eval when available)."""
+    """The ``vlm-chat`` argument parser (subcommands: chat, caption, serve, eval)."""
     parser = argparse.ArgumentParser(
         prog="vlm-chat", description="Chat with a small vision-language model about an image."
     )
@@ -224,7 +229,89 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="generations run at once; others wait in the queue (default 1, right for a CPU)",
     )
+    ev = sub.add_parser(
+        "eval",
+        parents=[model],
+        help="score the model: VQA accuracy, POPE hallucination, caption BLEU/CIDEr",
+        description="Evaluate a model (see docs/evaluation.md). Prints the metrics as JSON; --output also keeps "
+        "every prediction. Without --data: vqa uses easy-VQA's fixed 1,000-question test subset, pope and captions "
+        f"use unseen shapes-world scenes (seed {SHAPES_EVAL_SEED}).",
+    )
+    ev.add_argument("task", choices=("vqa", "pope", "captions"), help="what to evaluate")
+    ev.add_argument(
+        "--data",
+        metavar="FILE",
+        default=None,
+        help="JSONL set: vqa.jsonl {image, question, answer}, pope.jsonl {image, question, label}, "
+        "captions.jsonl {image, caption} (image paths relative to the file)",
+    )
+    ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N samples")
+    ev.add_argument(
+        "--scenes", type=_positive_int, default=100, help="shapes-world scenes for the default pope/captions sets"
+    )
+    ev.add_argument("--detailed", action="store_true", help="captions: ask for detailed captions")
+    ev.add_argument("--batch-size", type=_positive_int, default=16, help="questions per generate_batch call")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the task's own")
+    ev.add_argument("--output", metavar="FILE", default=None, help="write the full results (with predictions) as JSON")
     return parser
+
+
+def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The samples of ``vlm-chat eval TASK`` and extra keywords for its ``evaluate_*`` runner."""
+    from vlm_chat import easyvqa, shapes
+    from vlm_chat.evaluation import load_eval_jsonl
+
+    required = {"vqa": ("image", "question", "answer"), "pope": ("image", "question", "label")}
+    extra: dict[str, Any] = {}
+    if args.data is not None:
+        rows = load_eval_jsonl(args.data, required=required.get(args.task, ("image", "caption")))
+        if args.task == "captions":  # one row per reference caption: gather each image's references
+            refs: dict[str, list[str]] = {}
+            for row in rows:
+                refs.setdefault(row["image"], []).append(row["caption"])
+            rows = [{"image": image, "references": r} for image, r in refs.items()]
+    elif args.task == "vqa":
+        rows = easyvqa.quick_eval_subset()
+        extra["vocabulary"] = easyvqa.answer_vocabulary()  # so a colour answered to a yes/no question is judged
+    else:
+        scenes = shapes.generate_scenes(args.scenes, seed=SHAPES_EVAL_SEED)
+        images = [scene.render() for scene in scenes]
+        if args.task == "pope":
+            rows = [{**q, "image": images[q["scene_index"]]} for q in shapes.pope_questions(scenes)]
+        else:
+            rows = [
+                {"image": img, "references": shapes.reference_captions(scene, detailed=args.detailed)}
+                for img, scene in zip(images, scenes)
+            ]
+    if not rows:
+        raise UsageError(f"{args.data or 'the evaluation set'} holds no samples")
+    return rows[: args.limit], extra
+
+
+def _run_eval(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+    import json
+
+    from vlm_chat import evaluation
+
+    samples, extra = _eval_samples(args)
+    chat = load_model(args.model)
+    kwargs = {"batch_size": args.batch_size, **extra}
+    if args.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.task == "vqa":
+        result = evaluation.evaluate_vqa(chat, samples, **kwargs)
+    elif args.task == "pope":
+        result = evaluation.evaluate_pope(chat, samples, **kwargs)
+    else:
+        result = evaluation.evaluate_captions(chat, samples, detailed=args.detailed, **kwargs)
+    result = {"task": args.task, "model": args.model or vlm_chat.DEMO_MODEL, "data": args.data, **result}
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        logger.info("wrote %s", out)
+    print(json.dumps({k: v for k, v in result.items() if k not in _PER_SAMPLE_KEYS}, indent=2))
+    return 0
 
 
 def _run_chat(args: argparse.Namespace, gen: dict[str, Any]) -> int:
@@ -292,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-    runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve}
+    runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve, "eval": _run_eval}
     try:
-        gen = generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
+        # eval decodes greedily (the evaluate_* defaults) and has no sampling flags.
+        gen = {} if args.command == "eval" else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
         return runners[args.command](args, gen)
     except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
         # Bad paths, unreadable images and bad prompts are the user's to fix: one clear line, no traceback
