@@ -13,7 +13,9 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from vlm_chat import VLMChat
 from vlm_chat.app import UISettings, build_app, launch_app
@@ -61,7 +63,7 @@ def served(tmp_path_factory, tiny_clip_dir, tiny_llama_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = build_app(chat, UISettings(max_new_tokens=GEN["max_new_tokens"]), model_name="tiny test checkpoint")
-    url = launch_app(demo, host="127.0.0.1", port=port, block=False)
+    url = launch_app(demo, host="127.0.0.1", port=port, block=False, max_file_size="200kb")
     yield url, chat
     demo.close()
 
@@ -82,7 +84,7 @@ def _wait_for_answer(page, n_answers: int) -> str:
     return bot.nth(n_answers - 1).inner_text()
 
 
-def test_chat_in_a_real_browser(browser, served, capsys):
+def test_chat_in_a_real_browser(browser, served, capsys, tmp_path):
     url, chat = served
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
@@ -121,6 +123,17 @@ def test_chat_in_a_real_browser(browser, served, capsys):
     page.locator("#vlm-examples tbody tr").first.click()
     page.wait_for_function("() => !document.querySelector(\"#vlm-chatbot [data-testid='bot']\")")
     assert question.input_value().endswith("?")
+
+    # An upload over the size cap is refused with a message; the next upload and question still work.
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    big = tmp_path / "big noise.png"
+    Image.fromarray(noise).save(big)  # ~270 kB of incompressible pixels; the cap is 200 kB
+    page.locator("#vlm-image input[type=file]").set_input_files(str(big))
+    page.get_by_text("exceed the maximum allowed size").first.wait_for()
+    page.locator("#vlm-image input[type=file]").set_input_files(str(ASSET))
+    question.fill("Where is the green circle?")
+    page.locator("#vlm-send").click()
+    assert _words(_wait_for_answer(page, 1)) == _words(history[1]["content"])
     page.close()
     with capsys.disabled():
         print(f"\nbrowser screenshot: {shot}")

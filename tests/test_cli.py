@@ -88,18 +88,23 @@ def test_seeded_sampling_is_reproducible(capsys, tiny_vlm_dir, image_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["chat", "--image", "/nonexistent/cat.png", "What?"], "image file not found: /nonexistent/cat.png"),
-        (["caption", "__FAKE__"], "not a readable image file"),
-        (["chat", "--image", "__IMAGE__", "   "], "the question is empty"),
+        (["chat", "--model", "__MODEL__", "--image", "/nonexistent/cat.png", "What?"], "image file not found"),
+        (["caption", "__FAKE__", "--model", "__MODEL__"], "not a readable image file"),
+        (["chat", "--model", "__MODEL__", "--image", "__IMAGE__", "   "], "the question is empty"),
         (["chat", "--model", "/nonexistent/model", "Hi"], "--model /nonexistent/model: directory not found"),
         (["caption", "__IMAGE__", "--model", "__IMAGE__"], "not a directory"),
         (["chat", "--model", "__EMPTY_DIR__", "Hi"], "config.json is missing"),
     ],
 )
-def test_bad_input_is_one_clear_line(capsys, tmp_path, image_path, argv, message):
+def test_bad_input_is_one_clear_line(capsys, tmp_path, tiny_vlm_dir, image_path, argv, message):
     (tmp_path / "fake.png").write_text("not an image")
     (tmp_path / "empty").mkdir()
-    swap = {"__FAKE__": str(tmp_path / "fake.png"), "__IMAGE__": image_path, "__EMPTY_DIR__": str(tmp_path / "empty")}
+    swap = {
+        "__FAKE__": str(tmp_path / "fake.png"),
+        "__IMAGE__": image_path,
+        "__EMPTY_DIR__": str(tmp_path / "empty"),
+        "__MODEL__": tiny_vlm_dir,
+    }
     code, out, err = _run(capsys, *[swap.get(a, a) for a in argv])
     assert code == 2 and out == ""
     assert message in err and err.startswith(f"vlm-chat {argv[0]}: error:")

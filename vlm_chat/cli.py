@@ -371,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose or args.command == "serve":
+        # Our own progress only; at INFO, httpx and friends would log every request the server makes.
+        logging.getLogger("vlm_chat").setLevel(logging.INFO)
     if getattr(args, "seed", None) is not None:
         import torch
 
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # eval decodes greedily (the evaluate_* defaults) and has no sampling flags.
         gen = {} if args.command == "eval" else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
+        resolve_model_dir(args.model)  # fail before the slow imports if there is no model to load
         return runners[args.command](args, gen)
     except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
         # Bad paths, unreadable images and bad prompts are the user's to fix: one clear line, no traceback
