@@ -77,16 +77,26 @@ def test_chat_streams_and_keeps_the_conversation(handlers, chat, images):
     assert turns == [{"role": "user", "content": "What color is it?"}, {"role": "assistant", "content": first}]
     assert box == ""  # the question box is cleared
     texts = [s[1][-1]["content"] for s in steps]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # streamed: each step extends the last
+    assert len(set(texts)) > 2  # streamed piece by piece...
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # ...each step extending the last
+    assert steps[0][0] == [{"role": "user", "content": "What color is it?"}]  # the question shows at once
 
     # A follow-up sends the first exchange as history: the answer equals the library's multi-turn answer.
-    *_, (_, turns2, _) = handlers.respond(images["red"], "And its shape?", turns, *UI_SETTINGS)
+    *_, (chatbot2, turns2, _) = handlers.respond(images["red"], "And its shape?", turns, *UI_SETTINGS)
     second = chat.generate(images["red"], "And its shape?", history=turns, **GEN)
     assert turns2[:2] == turns and turns2[2:] == [
         {"role": "user", "content": "And its shape?"},
         {"role": "assistant", "content": second},
     ]
-    assert all(m["content"] for m in chatbot)  # an empty answer still shows a visible bubble
+    assert chatbot == turns and chatbot2 == turns2  # non-empty answers are shown as they are
+
+
+def test_an_empty_answer_is_shown_as_such():
+    from vlm_chat.app import _display
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]
+    assert _display(turns)[1]["content"] == "_(empty answer)_"  # not an invisible bubble
+    assert turns[1]["content"] == " "  # the history the model sees is untouched
 
 
 def test_retry_replaces_the_last_answer(handlers, chat, images):

@@ -206,16 +206,24 @@ class ChatHandlers:
         """Stream one answer after `history`; yields (chatbot messages, turns) as the text grows."""
         image = _read_image(image_path, self.settings.max_pixels)
         gen = _settings(max_new_tokens, temperature, top_p)
-        turns = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        yield _display(turns), turns
+        user = {"role": "user", "content": question}
+
+        def turns(text: str) -> list[Turn]:  # a fresh list per update: Gradio may still hold the previous one
+            return [*history, user, {"role": "assistant", "content": text}]
+
+        text = ""
+        # Until the first token the chat shows the question alone, with Gradio's "thinking" dots under it;
+        # the state already holds the whole turn, so Retry can take it again if generation fails.
+        yield _display([*history, user]), turns(text)
         try:
             for piece in self.chat.stream(image, question, history=history or None, **gen):
-                turns[-1]["content"] += piece
-                yield _display(turns), turns
+                text += piece
+                yield _display(turns(text)), turns(text)
         except (ValueError, TypeError) as e:
-            # The half-written turn stays in the state, so Retry can take it again.
             raise _user_error(f"The model refused this request: {e}", title="Generation failed") from e
-        logger.info("answered %r with %d characters", question[:80], len(turns[-1]["content"]))
+        if not text:
+            yield _display(turns(text)), turns(text)
+        logger.info("answered %r with %d characters", question[:80], len(text))
 
     def respond(self, image_path, question, turns, max_new_tokens, temperature, top_p) -> Iterator[tuple]:
         """Chat tab, Send: ask `question` about the image after the earlier `turns`.
