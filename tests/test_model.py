@@ -269,3 +269,13 @@ def test_qlora_builds_and_steps_on_cpu(tmp_path, tiny_clip_dir, tokenizer_factor
     assert any(not torch.equal(p, lora[n]) for n, p in chat.model.named_parameters() if "lora_B" in n)
     chat.model.eval()
     assert chat.generate(red_circle, "Color?", **GEN)
+
+
+def test_same_seed_same_untrained_model(tiny_clip_dir, tiny_llama_dir):
+    a = VLMChat.from_components(str(tiny_clip_dir), str(tiny_llama_dir), seed=3)
+    b = VLMChat.from_components(str(tiny_clip_dir), str(tiny_llama_dir), seed=3)
+    c = VLMChat.from_components(str(tiny_clip_dir), str(tiny_llama_dir), seed=4)
+    lora = [n for n, _ in a.model.named_parameters() if "lora_A" in n][0]
+    pa, pb, pc = (dict(m.model.named_parameters()) for m in (a, b, c))
+    assert torch.equal(pa[lora], pb[lora]) and not torch.equal(pa[lora], pc[lora])
+    assert torch.equal(pa["mapper.proj.0.weight"], pb["mapper.proj.0.weight"])

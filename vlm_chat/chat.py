@@ -76,10 +76,10 @@ class VLMChat:
 
         tokenizer = load_tokenizer(resolve_lm(tokenizer_src), config.image_token, lm_cfg.trust_remote_code)
         vision = VisionTower(vision_cfg, dtype=dtype, trust_remote_code=lm_cfg.trust_remote_code)
-        lm = load_lm(lm_cfg, tokenizer, dtype, adapter_dir=adapter_dir, is_trainable=is_trainable)
-        d_lm = lm.get_input_embeddings().weight.shape[1]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the untrained mapper is the same for the same seed
+            torch.manual_seed(seed)  # a fresh LoRA adapter and mapper are the same for the same seed
+            lm = load_lm(lm_cfg, tokenizer, dtype, adapter_dir=adapter_dir, is_trainable=is_trainable)
+            d_lm = lm.get_input_embeddings().weight.shape[1]
             mapper = build_mapper(config.mapper, vision.hidden_size, d_lm, grid=vision.grid)
         if mapper_state is not None:
             mapper.load_state_dict(mapper_state)

@@ -59,13 +59,24 @@ class ModelArgs:
         targets = self.lora_target_modules
         return VLMConfig(
             vision=VisionConfig(name_or_path=self.vision, feature_layer=self.feature_layer),
-            mapper=MapperConfig(kind=self.mapper, depth=self.mapper_depth, pool=self.mapper_pool,
-                                num_queries=self.num_queries, num_layers=self.mapper_layers,
-                                num_heads=self.mapper_heads),
-            lm=LMConfig(name_or_path=self.lm, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-                        lora_dropout=self.lora_dropout, load_in_4bit=self.load_in_4bit, dtype=self.dtype,
-                        max_length=self.max_length,
-                        lora_target_modules=targets if targets == "all-linear" else targets.split(",")),
+            mapper=MapperConfig(
+                kind=self.mapper,
+                depth=self.mapper_depth,
+                pool=self.mapper_pool,
+                num_queries=self.num_queries,
+                num_layers=self.mapper_layers,
+                num_heads=self.mapper_heads,
+            ),
+            lm=LMConfig(
+                name_or_path=self.lm,
+                lora_r=self.lora_r,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                load_in_4bit=self.load_in_4bit,
+                dtype=self.dtype,
+                max_length=self.max_length,
+                lora_target_modules=targets if targets == "all-linear" else targets.split(","),
+            ),
         )
 
 
@@ -114,8 +125,10 @@ class FeatureCache:
 
 def _as_conversation(stage: str, row: dict) -> list[dict]:
     if stage == "pretrain":
-        return [{"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[False]}"},
-                {"role": "assistant", "content": row["caption"]}]
+        return [
+            {"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[False]}"},
+            {"role": "assistant", "content": row["caption"]},
+        ]
     return row["messages"]
 
 
@@ -166,9 +179,31 @@ class Collator:
 
 def _loss_fn(stage: str, beta: float):
     if stage != "dpo":
+
         def lm_loss(model, batch):
             out = model(**batch)
-            return out.loss, {"tokens": out.num_tokens.float()}
+            loss = out.loss
+            import os as _os
+
+            if _os.environ.get("VLM_DEBUG"):
+                print(
+                    "DBG",
+                    _os.environ.get("RANK"),
+                    torch.distributed.is_initialized(),
+                    batch["input_ids"].sum(1).tolist(),
+                    out.loss_sum.item(),
+                    out.num_tokens.item(),
+                    flush=True,
+                )
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # DDP averages gradients over processes; normalising each process's summed loss by the *global*
+                # token count makes that average equal to one process's token mean over the whole batch.
+                world = torch.distributed.get_world_size()
+                total = out.num_tokens.detach().clone()
+                torch.distributed.all_reduce(total)
+                loss = out.loss_sum * world / total.clamp(min=1)
+            return loss, {"tokens": out.num_tokens.float()}
+
         return lm_loss
 
     def dpo(model, batch):
@@ -179,14 +214,18 @@ def _loss_fn(stage: str, beta: float):
         loss, chosen_r, rejected_r = dpo_loss(out.logps[:n], out.logps[n:], ref[:n], ref[n:], beta)
         margin = chosen_r - rejected_r
         return loss, {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
+
     return dpo
 
 
 def load_rows(stage: str, data: DataArgs, skip_bad_rows: bool):
     from vlm_chat import data as readers
 
-    reader = {"pretrain": readers.load_captions, "instruct": readers.load_conversations,
-              "dpo": readers.load_preferences}[stage]
+    reader = {
+        "pretrain": readers.load_captions,
+        "instruct": readers.load_conversations,
+        "dpo": readers.load_preferences,
+    }[stage]
     rows, report = reader(data.train_file, data.image_folder, skip_bad_rows=skip_bad_rows)
     if stage == "instruct" and data.pack_by_image:
         rows = readers.pack_by_image(rows, max_turns=data.max_turns_per_sample)
@@ -223,11 +262,17 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     chat.model.configure_trainable(mapper=mapper, lora=lora)
     groups = []
     if mapper:
-        groups.append({"name": "mapper", "params": [p for p in chat.model.mapper.parameters()],
-                       "lr": stage_args.mapper_lr})
+        groups.append(
+            {"name": "mapper", "params": [p for p in chat.model.mapper.parameters()], "lr": stage_args.mapper_lr}
+        )
     if lora:
-        groups.append({"name": "lora", "params": [p for n, p in chat.model.lm.named_parameters() if "lora_" in n],
-                       "lr": stage_args.lora_lr})
+        groups.append(
+            {
+                "name": "lora",
+                "params": [p for n, p in chat.model.lm.named_parameters() if "lora_" in n],
+                "lr": stage_args.lora_lr,
+            }
+        )
     rows = load_rows(stage, data_args, cfg.skip_bad_rows)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(Path(cfg.output_dir) / "config.yaml", model_args, data_args, stage_args, cfg)
@@ -238,8 +283,16 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         chat.save_pretrained(directory, card=card)
 
     collate = Collator(chat, stage, FeatureCache(chat, stage_args.cache_vision_features))
-    return train(chat.model, rows, collate, _loss_fn(stage, stage_args.beta), cfg, param_groups=groups,
-                 on_save=on_save, gradient_checkpointing_fn=_gradient_checkpointing)
+    return train(
+        chat.model,
+        rows,
+        collate,
+        _loss_fn(stage, stage_args.beta),
+        cfg,
+        param_groups=groups,
+        on_save=on_save,
+        gradient_checkpointing_fn=_gradient_checkpointing,
+    )
 
 
 def _gradient_checkpointing(model) -> None:
