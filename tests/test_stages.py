@@ -18,7 +18,8 @@ def shapes_dir(tmp_path_factory):
 
 
 def _common(tmp, **extra):
-    args = ["--output_dir", str(tmp), "--per_device_batch_size", "4", "--logging_steps", "1", "--save_steps", "0",
+    # One fixed batch of 4 samples, seen every step: an overfit check whose loss must fall.
+    args = ["--output_dir", str(tmp), "--per_device_batch_size", "4", "--max_train_samples", "4", "--logging_steps", "1", "--save_steps", "0",
             "--disable_tqdm", "true", "--max_length", "160", "--lr_scheduler", "constant"]
     for k, v in extra.items():
         args += [f"--{k}", str(v)]
