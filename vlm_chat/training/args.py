@@ -148,7 +148,7 @@ class TrainConfig:
 
 @dataclass
 class CaptionDataArgs:
-    """Image-caption pairs: a JSONL of ``{"image", "caption"}`` rows, or an image folder with ``metadata.jsonl``."""
+    """Image-caption pairs, read by ``vlm_chat.data.load_captions`` (formats: ``docs/data.md``)."""
 
     train_file: str = field(
         metadata={
@@ -158,8 +158,6 @@ class CaptionDataArgs:
     image_folder: str | None = field(
         default=None, metadata={"help": "Root that image paths are relative to; default: the JSONL's folder."}
     )
-    image_column: str = "image"
-    caption_column: str = "caption"
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
 
 
@@ -306,8 +304,8 @@ def parse_config(
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"unknown config key {key!r} in {source}{hint}; valid keys: {valid_text}")
             strings = raw if from_cli else (None if raw is None else _to_strings(raw))
-            if from_cli and len(strings) == 1 and strings[0].lower() in _NULLS:
-                strings = None
+            if from_cli and len(strings) == 1 and strings[0].lower() in _NULLS and _is_optional(types_by_key[key][1]):
+                strings = None  # "--resume none"; for a non-optional key "none" stays a value (report_to: none)
             _check_value(parser, key, types_by_key[key][1], strings, source, valid_text, raw, from_cli)
             final[key] = (source, strings)
 
