@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, TextIteratorStreamer
 
@@ -82,7 +84,12 @@ class VLMChat:
             d_lm = lm.get_input_embeddings().weight.shape[1]
             mapper = build_mapper(config.mapper, vision.hidden_size, d_lm, grid=vision.grid)
         if mapper_state is not None:
-            mapper.load_state_dict(mapper_state)
+            try:
+                mapper.load_state_dict(mapper_state)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"{_MAPPER_FILE} does not fit the mapper described in config.json ({config.mapper}): {e}"
+                ) from e
         mapper.to(dtype)
         n_vis = mapper.num_tokens(vision.num_tokens)
         if config.num_image_tokens and config.num_image_tokens != n_vis:
@@ -152,12 +159,24 @@ class VLMChat:
         if not config_path.is_file():
             raise FileNotFoundError(f"{base} is not a vlm-chat checkpoint: {config_path.name} is missing")
         config = VLMConfig.load(config_path)
-        required = [_MAPPER_FILE, "tokenizer_config.json"]
+        required = [_MAPPER_FILE, "tokenizer_config.json", "tokenizer.json"]
         if config.lm.use_lora:
             required += [f"{_ADAPTER_DIR}/adapter_config.json", f"{_ADAPTER_DIR}/adapter_model.safetensors"]
+        for part in (config.vision.name_or_path, config.lm.name_or_path):
+            if part in (_VISION_DIR, _LM_DIR):  # a model stored inside the checkpoint
+                required += [f"{part}/config.json", f"{part}/model.safetensors"]
+        if config.vision.name_or_path == _VISION_DIR:
+            required.append(f"{_VISION_DIR}/preprocessor_config.json")
         for rel in required:
             if not (base / rel).is_file():
                 raise FileNotFoundError(f"checkpoint {base} is missing {rel}")
+        for rel in required:  # a truncated or corrupt weights file: name it, rather than a safetensors traceback
+            if rel.endswith(".safetensors"):
+                try:
+                    with safe_open(str(base / rel), framework="pt"):
+                        pass
+                except Exception as e:
+                    raise ValueError(f"checkpoint {base}: {rel} is not a readable safetensors file ({e})") from e
         mapper_state = load_file(str(base / _MAPPER_FILE))
         adapter = base / _ADAPTER_DIR if config.lm.use_lora else None
         chat = cls._build(config, base_dir=base, device=device, adapter_dir=adapter, mapper_state=mapper_state,
@@ -270,6 +289,12 @@ class VLMChat:
             "pad_token_id": tok.pad_token_id,
             "suppress_tokens": [self.processor.image_token_id],  # never emit the placeholder itself
         }
+        known = set(GenerationConfig().to_dict())
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            raise TypeError(f"unknown generation keyword(s): {', '.join(hints)}")
         settings.update(kwargs)
         if not settings["do_sample"]:
             # Greedy/beam decoding ignores these; dropping them avoids transformers' warnings about them.

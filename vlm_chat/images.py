@@ -78,8 +78,11 @@ def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
     elif arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"image array has unsupported dtype {arr.dtype}")
-        info = np.iinfo(arr.dtype)
-        arr = ((arr.astype(np.float64) - info.min) / (info.max - info.min) * 255.0).round().astype(np.uint8)
+        # Scale as PIL scales the same image read from a file: 16-bit unsigned by its full range (mode I;16),
+        # other integers (mode I) by their own min..max.
+        lo, hi = (0.0, 65535.0) if arr.dtype == np.uint16 else (float(arr.min()), float(arr.max()))
+        scaled = np.zeros(arr.shape) if hi <= lo else (arr.astype(np.float64) - lo) / (hi - lo)
+        arr = (scaled * 255.0).round().astype(np.uint8)
     return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
 
 
@@ -98,6 +101,26 @@ def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
         img = ImageOps.exif_transpose(img)  # a phone photo shows the way its EXIF says
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{what}: image data is corrupt or truncated ({e})") from e
+    return img
+
+
+def bound_aspect(img: Image.Image, side: int, max_ratio: float = 2.0) -> Image.Image:
+    """Keep an image's preprocessing cost bounded whatever its shape.
+
+    A tower's processor scales the *short* side to its input size, so a 20000x1 strip (a few bytes as PNG) would
+    become a 224 x 4.5M-pixel array. Images longer than ``2 * side`` are shrunk first; images more elongated than
+    ``max_ratio`` are then padded to a square with their mean colour (LLaVA's expand-to-square). Ordinary photos pass
+    through unchanged.
+    """
+    if max(img.size) > 2 * side:
+        img = img.copy()
+        img.thumbnail((2 * side, 2 * side))
+    w, h = img.size
+    if max(w, h) > max_ratio * min(w, h):
+        mean = tuple(int(c) for c in np.asarray(img).reshape(-1, 3).mean(0))
+        square = Image.new("RGB", (max(w, h), max(w, h)), mean)
+        square.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        img = square
     return img
 
 

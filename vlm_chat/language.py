@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors import safe_open
 from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
@@ -56,7 +57,7 @@ def load_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtyp
         The (PEFT-wrapped) model. Base weights are frozen; only LoRA weights may require grad.
     """
     path = resolve_lm(cfg.name_or_path)
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}  # never pickles
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
@@ -69,6 +70,7 @@ def load_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtyp
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     if adapter_dir is not None:
         lm = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=is_trainable)
+        _check_adapter_complete(lm, Path(adapter_dir) / "adapter_model.safetensors")
     elif cfg.use_lora:
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -96,3 +98,14 @@ def _fit_embeddings(lm: torch.nn.Module, vocab_size: int) -> None:
             out.weight[old:].zero_()
             if getattr(out, "bias", None) is not None:
                 out.bias[old:].zero_()
+
+
+def _check_adapter_complete(lm, path: Path) -> None:
+    """PEFT only warns about LoRA weights missing from a file and keeps their fresh init; a silently different model
+    is the "garbage after reload" failure, so refuse it."""
+    with safe_open(str(path), framework="pt") as f:
+        stored = set(f.keys())
+    expected = set(get_peft_model_state_dict(lm, save_embedding_layers=False))
+    missing = sorted(expected - stored)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} LoRA weight(s) the adapter config asks for, e.g. {missing[0]}")

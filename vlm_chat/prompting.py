@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vlm_chat.images import bound_aspect
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -77,13 +79,22 @@ class VLMProcessor:
 
         A literal ``<image>`` anywhere in the user turns marks where the image goes instead.
         """
-        messages = [{"role": m["role"], "content": self.content_text(m["content"])} for m in (history or [])]
+        messages = [self._checked_turn(i, m) for i, m in enumerate(history or [])]
         messages.append({"role": "user", "content": prompt})
         marked = sum(m["content"].count(self.image_token) for m in messages)
         if has_image and marked == 0:
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             messages[first_user] = {"role": "user", "content": f"{self.image_token}\n{messages[first_user]['content']}"}
         return messages
+
+    def _checked_turn(self, index: int, turn: Any) -> Message:
+        if not isinstance(turn, dict):
+            raise TypeError(f"history[{index}] must be a dict with 'role' and 'content', got {type(turn).__name__}")
+        if turn.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"history[{index}] has role {turn.get('role')!r}; valid roles: system, user, assistant")
+        if "content" not in turn:
+            raise ValueError(f"history[{index}] has no 'content'")
+        return {"role": turn["role"], "content": self.content_text(turn["content"])}
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -212,8 +223,20 @@ class VLMProcessor:
 
     # ----------------------------------------------------------------------------------------------- batching
     def pixel_values(self, images: list) -> torch.Tensor:
-        """Images (RGB PIL) -> ``[N, 3, H, W]`` with the tower's own preprocessing."""
+        """Images (RGB PIL) -> ``[N, 3, H, W]`` with the tower's own preprocessing (extreme shapes bounded first)."""
+        images = [bound_aspect(img, self._input_side) for img in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @property
+    def _input_side(self) -> int:
+        sides = []
+        for attr in ("size", "crop_size"):
+            size = getattr(self.image_processor, attr, None)  # a dict, or transformers' SizeDict
+            for key in ("height", "width", "shortest_edge"):
+                value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+                if isinstance(value, int):
+                    sides.append(value)
+        return max(sides, default=224)
 
     def pad(self, samples: list[Encoded], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Pad to the longest sample. Training pads right; batched generation pads left."""

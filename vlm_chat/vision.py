@@ -46,7 +46,7 @@ class VisionTower(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            self.model = model_cls.from_pretrained(cfg.name_or_path, dtype=dtype)
+            self.model = model_cls.from_pretrained(cfg.name_or_path, dtype=dtype, use_safetensors=True)
         finally:
             hf_logging.set_verbosity(verbosity)
         self.image_processor = AutoImageProcessor.from_pretrained(cfg.name_or_path)
