@@ -197,3 +197,68 @@ def test_script_runs_with_the_tiny_config(captions, tmp_path):
     assert "loss: clip" in (tmp_path / "config.yaml").read_text()
     with pytest.raises(SystemExit, match="did you mean 'learning_rate'"):
         main([*cmd[2:], "--lerning_rate", "1"])
+
+
+def _train_cmd(captions, out, *extra, steps=12):
+    return [str(REPO / "train" / "contrastive.py"), *_args(captions, out, *extra, steps=steps)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_double_batch(captions, tmp_path):
+    """2 CPU processes (gloo) x batch 4 == 1 process x batch 8: the embeddings are gathered before the loss."""
+    from safetensors.torch import load_file
+
+    one = run(_args(captions, tmp_path / "one", steps=4))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           *_train_cmd(captions, tmp_path / "two", "--per_device_batch_size", "4", steps=4)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 x 1 accumulation x 2 processes" in proc.stderr
+    two = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in two] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(captions, tmp_path):
+    """Kill the training process with SIGKILL after a few steps; --resume latest ends with identical weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    extra = ("--save_steps", "2", "--save_total_limit", "1")
+    straight = run(_args(captions, tmp_path / "straight", *extra, steps=40))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *_train_cmd(captions, out, *extra, steps=40)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(log.read_text().splitlines())
+    assert 5 <= killed_at < 40, killed_at
+    resumed = run([*_args(captions, out, *extra, steps=40), "--resume", "latest"])
+    assert resumed["resumed_from"] is not None
+    assert [json.loads(line)["loss"] for line in log.read_text().splitlines()] == [
+        h["loss"] for h in straight["history"]
+    ]
+    a = load_file(Path(straight["final_dir"]) / "model.safetensors")
+    b = load_file(Path(resumed["final_dir"]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(captions, tmp_path):
+    plain = run(_args(captions, tmp_path / "a", steps=3))
+    checkpointed = run(_args(captions, tmp_path / "b", "--gradient_checkpointing", "true", steps=3))
+    assert checkpointed["model"].text_model.encoder.gradient_checkpointing
+    assert [h["loss"] for h in checkpointed["history"]] == pytest.approx(
+        [h["loss"] for h in plain["history"]], rel=1e-5
+    )

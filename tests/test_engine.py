@@ -268,3 +268,11 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
 def test_num_epochs_sets_the_step_count(tmp_path):
     result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=-1, num_epochs=1.5))
     assert result["global_step"] == math.ceil(1.5 * 32 / 4)
+
+
+def test_bf16_autocast_runs_and_is_removed_afterwards(tmp_path):
+    model = Model()
+    result = train(model, _dataset(), _collate, LossFn(), _cfg(tmp_path, mixed_precision="bf16", max_steps=3))
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
+    assert model(torch.randn(2, 4)).dtype == torch.float32  # accelerate's autocast wrapper is gone
+    assert "_original_forward" not in model.__dict__

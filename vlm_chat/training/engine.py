@@ -372,7 +372,11 @@ def train(
         # cuBLAS needs this before its first use to be deterministic; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        # Under torchrun on a machine without CUDA, accelerate only forms a (gloo) process group when told to use
+        # the CPU; otherwise every process would train alone and overwrite the others' checkpoints.
+        cpu=launched_world > 1 and not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
@@ -382,6 +386,11 @@ def train(
         step_scheduler_with_optimizer=False,
     )
     try:
+        if accelerator.num_processes != launched_world:
+            raise RuntimeError(
+                f"launched as {launched_world} processes but accelerate formed {accelerator.num_processes}; "
+                "launch with `accelerate launch` (see docs/training.md)"
+            )
         return _train(
             accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save,
             gradient_checkpointing_fn,
@@ -507,7 +516,7 @@ def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_gr
             logger.info("step %d eval %s", step, _fmt(metrics))
         return metrics
 
-    logger.info(
+    (logger.info if is_main else logger.debug)(
         "training %d steps (%d per epoch; %d samples/step = %d x %d accumulation x %d processes), "
         "%d trainable parameters in groups %s",
         max_steps, steps_per_epoch, samples_per_step, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
