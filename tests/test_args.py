@@ -87,7 +87,11 @@ def test_nulls_missing_keys_and_value_checks(tmp_path):
     model, _, cfg = parse_config(TYPES, ["--config", path, "--init_from", "none"])
     assert model.init_from is None and cfg.resume is None
     with pytest.raises(ConfigError, match="'seed'.*cannot be null"):
+        parse_config(TYPES, ["--config", _yaml(tmp_path, "output_dir: o\ntrain_file: t\nseed: null\n")])
+    with pytest.raises(ConfigError, match="'seed' in the command line: 'null' is not a valid int"):
         parse_config(TYPES, ["--config", path, "--seed", "null"])
+    # For a key that is not optional, "none" is an ordinary value.
+    assert parse_config(TYPES, ["--config", path, "--report_to", "none"])[2].report_to == "none"
     with pytest.raises(ConfigError, match=r"missing required config key\(s\) \['output_dir'\]"):
         parse_config(TYPES, ["--train_file", "t"])
     with pytest.raises(ConfigError, match="'per_device_batch_size' must be >= 1"):
