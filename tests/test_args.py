@@ -19,8 +19,8 @@ class ModelArgs:
 TYPES = (ModelArgs, CaptionDataArgs, TrainConfig)
 
 
-def _yaml(tmp_path, text):
-    path = tmp_path / "c.yaml"
+def _yaml(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
     path.write_text(text)
     return str(path)
 
@@ -87,7 +87,7 @@ def test_nulls_missing_keys_and_value_checks(tmp_path):
     model, _, cfg = parse_config(TYPES, ["--config", path, "--init_from", "none"])
     assert model.init_from is None and cfg.resume is None
     with pytest.raises(ConfigError, match="'seed'.*cannot be null"):
-        parse_config(TYPES, ["--config", _yaml(tmp_path, "output_dir: o\ntrain_file: t\nseed: null\n")])
+        parse_config(TYPES, ["--config", _yaml(tmp_path, "output_dir: o\ntrain_file: t\nseed: null\n", "null.yaml")])
     with pytest.raises(ConfigError, match="'seed' in the command line: 'null' is not a valid int"):
         parse_config(TYPES, ["--config", path, "--seed", "null"])
     # For a key that is not optional, "none" is an ordinary value.
