@@ -1,6 +1,11 @@
 """vlm-chat: a frozen CLIP/SigLIP vision tower, a small trainable mapper and a LoRA-tuned causal LM."""
 
+import logging
 from pathlib import Path
+
+# peft imports bitsandbytes, whose CPU backend warns at import that an optional hub-downloaded kernel package
+# ("kernels") is missing; it falls back to its own kernels, so on every CLI call the warning is only noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
