@@ -276,3 +276,66 @@ def test_bf16_autocast_runs_and_is_removed_afterwards(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in result["history"])
     assert model(torch.randn(2, 4)).dtype == torch.float32  # accelerate's autocast wrapper is gone
     assert "_original_forward" not in model.__dict__
+
+
+class _Died(BaseException):
+    """A process death at a filesystem call: nothing after it runs, no cleanup."""
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_atomic_directory_survives_death_at_every_filesystem_step(tmp_path, monkeypatch, exchange):
+    import os
+    import shutil
+
+    import vlm_chat.training.engine as engine
+
+    if not exchange:
+        monkeypatch.setattr(engine, "_exchange", lambda a, b: False)
+
+    def write(target, version):
+        with atomic_directory(target) as tmp:
+            (tmp / "weights.txt").write_text(version)
+
+    def die_at(n):
+        calls, dead = [], []
+        real = {"replace": os.replace, "rmtree": shutil.rmtree}
+
+        def wrap(name, owner):
+            def call(*args, **kwargs):
+                if dead:
+                    return None
+                calls.append(name)
+                if len(calls) == n:
+                    dead.append(True)
+                    raise _Died(name)
+                return real[name](*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, call)
+
+        wrap("replace", os)
+        wrap("rmtree", shutil)
+        return calls
+
+    probe = tmp_path / "probe" / "final"
+    write(probe, "v1")
+    calls = die_at(10**9)
+    write(probe, "v2")
+    points = len(calls)
+    monkeypatch.undo()
+    if not exchange:
+        monkeypatch.setattr(engine, "_exchange", lambda a, b: False)
+    assert points >= (1 if exchange else 3)
+    for n in range(1, points + 1):
+        target = tmp_path / f"kill{n}" / "final"
+        write(target, "v1")
+        die_at(n)
+        with pytest.raises(_Died):
+            write(target, "v2")
+        monkeypatch.undo()
+        if not exchange:
+            monkeypatch.setattr(engine, "_exchange", lambda a, b: False)
+        engine._recover(target)  # what the next save (or run) does first
+        assert (target / "weights.txt").read_text() in ("v1", "v2"), f"death at filesystem call {n} of {points}"
+        write(target, "v3")  # and saving works again over the leftovers
+        assert (target / "weights.txt").read_text() == "v3"
+        assert [p.name for p in target.parent.iterdir()] == ["final"]
