@@ -287,7 +287,7 @@ def test_atomic_directory_survives_death_at_every_filesystem_step(tmp_path, monk
     import os
     import shutil
 
-    import vlm_chat.training.engine as engine
+    import vlm_chat.atomic as engine  # the atomic-directory helpers live here
 
     if not exchange:
         monkeypatch.setattr(engine, "_exchange", lambda a, b: False)

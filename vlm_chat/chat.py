@@ -7,8 +7,6 @@ import copy
 import difflib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, TextIteratorStreamer
 
+from vlm_chat.atomic import atomic_directory, recover
 from vlm_chat.config import FORMAT_VERSION, LMConfig, MapperConfig, VisionConfig, VLMConfig
 from vlm_chat.images import ImageLike, load_image
 from vlm_chat.language import load_lm, load_tokenizer, resolve_dtype
@@ -153,6 +152,7 @@ class VLMChat:
             ValueError: the config is from an incompatible version or inconsistent.
         """
         base = Path(path)
+        recover(base)  # a save that died between its two renames left the previous version aside: bring it back
         if not base.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {base}")
         config_path = base / "config.json"
@@ -200,9 +200,7 @@ class VLMChat:
         self._write(Path(path), merge=True, card=card)
 
     def _write(self, path: Path, merge: bool, card: str | None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             config = VLMConfig.from_dict(self.config.to_dict())
             config.format_version = FORMAT_VERSION
             mapper_state = {k: v.detach().contiguous().cpu() for k, v in self.model.mapper.state_dict().items()}
@@ -225,20 +223,6 @@ class VLMChat:
                 lm.save_pretrained(tmp / _ADAPTER_DIR, save_embedding_layers=False)
             config.save(tmp / "config.json")
             (tmp / "README.md").write_text(card or self._default_card(config))
-            for f in tmp.rglob("*"):  # flush to disk before the rename makes the directory visible
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("saved %s to %s", "merged model" if merge else "checkpoint", path)
 
     def _save_vision(self, target: Path, config: VLMConfig) -> None:
