@@ -22,8 +22,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 # --tiny: the same stages with sizes and steps that finish in seconds (a test runs this).
 TINY = {
     "data": {"shapes_images": 24, "shapes_eval_images": 6, "image_size": 32, "easyvqa": False},
-    "contrastive": {"max_steps": 30, "per_device_batch_size": 16, "image_size": 32, "vision_hidden_size": 32,
-                    "text_hidden_size": 32, "projection_dim": 32},
+    "contrastive": {
+        "max_steps": 30,
+        "per_device_batch_size": 16,
+        "image_size": 32,
+        "vision_hidden_size": 32,
+        "text_hidden_size": 32,
+        "projection_dim": 32,
+    },
     "pretrain": {"max_steps": 8, "per_device_batch_size": 8},
     "instruct": {"max_steps": 12, "per_device_batch_size": 4, "max_turns_per_sample": 4},
     "dpo": {"max_steps": 6, "per_device_batch_size": 4},
@@ -31,7 +37,10 @@ TINY = {
 }
 FULL = {
     "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True},
-    "contrastive": {}, "pretrain": {}, "instruct": {}, "dpo": {},
+    "contrastive": {},
+    "pretrain": {},
+    "instruct": {},
+    "dpo": {},
     "eval": {"vqa_questions": 1000, "pope_questions": 300, "captions": 100, "image_size": 64},
 }
 
@@ -55,9 +64,16 @@ def build_tiny_lm(out: Path) -> Path:
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -69,13 +85,17 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
 
     train_dir, eval_dir = out / "data" / "shapes_train", out / "data" / "shapes_eval"
     if not (train_dir / "manifest.json").is_file():
-        shapes.write_shapes_dataset(train_dir, settings["shapes_images"], seed=1, image_size=settings["image_size"],
-                                    pope_per_image=0)
+        shapes.write_shapes_dataset(
+            train_dir, settings["shapes_images"], seed=1, image_size=settings["image_size"], pope_per_image=0
+        )
     if not (eval_dir / "manifest.json").is_file():  # another seed: scenes never seen in training
-        shapes.write_shapes_dataset(eval_dir, settings["shapes_eval_images"], seed=2,
-                                    image_size=settings["image_size"])
-    paths = {"captions": [train_dir / "captions.jsonl"], "conversations": [train_dir / "conversations.json"],
-             "preferences": [train_dir / "preferences.jsonl"], "eval": eval_dir}
+        shapes.write_shapes_dataset(eval_dir, settings["shapes_eval_images"], seed=2, image_size=settings["image_size"])
+    paths = {
+        "captions": [train_dir / "captions.jsonl"],
+        "conversations": [train_dir / "conversations.json"],
+        "preferences": [train_dir / "preferences.jsonl"],
+        "eval": eval_dir,
+    }
     if settings["easyvqa"]:
         from vlm_chat import easyvqa
 
@@ -91,8 +111,11 @@ def _merge_jsonl(files: list[Path], target: Path) -> Path:
     """One training file from several (relative image paths made absolute, so one file serves all folders)."""
     rows = []
     for f in files:
-        data = json.loads(f.read_text()) if f.suffix == ".json" else [json.loads(x) for x in f.read_text().splitlines()
-                                                                       if x.strip()]
+        data = (
+            json.loads(f.read_text())
+            if f.suffix == ".json"
+            else [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        )
         for row in data:
             if row.get("image"):
                 row["image"] = str((f.parent / row["image"]).resolve())
@@ -171,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     common = {"seed": args.seed}
     run_dirs = {s: out / s for s in ("contrastive", "pretrain", "instruct", "dpo")}
+
     def done(stage: str) -> bool:
         if (run_dirs[stage] / "final").is_dir() and not args.force:
             logger.info("%s: reusing %s (pass --force to retrain)", stage, run_dirs[stage] / "final")
@@ -179,21 +203,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t = time.perf_counter()
     if not done("contrastive"):
-        contrastive.run(_argv("contrastive.yaml", {**common, **mode["contrastive"], "model_type": args.vision,
-                                                   "train_file": captions, "output_dir": run_dirs["contrastive"]}))
+        contrastive.run(
+            _argv(
+                "contrastive.yaml",
+                {
+                    **common,
+                    **mode["contrastive"],
+                    "model_type": args.vision,
+                    "train_file": captions,
+                    "output_dir": run_dirs["contrastive"],
+                },
+            )
+        )
     timings["contrastive"] = time.perf_counter() - t
     lm = str(build_tiny_lm(out / "tiny_lm")) if args.tiny else None
     inputs = {
-        "pretrain": {"vision": run_dirs["contrastive"] / "final", **({"lm": lm} if lm else {}),
-                     "train_file": captions},
+        "pretrain": {"vision": run_dirs["contrastive"] / "final", **({"lm": lm} if lm else {}), "train_file": captions},
         "instruct": {"init_from": run_dirs["pretrain"] / "final", "train_file": conversations},
         "dpo": {"init_from": run_dirs["instruct"] / "final", "train_file": data["preferences"][0]},
     }
     for stage in ("pretrain", "instruct", "dpo"):
         t = time.perf_counter()
         if not done(stage):
-            stages.run(stage, _argv(f"{stage}.yaml", {**common, **mode[stage], **inputs[stage],
-                                                     "output_dir": run_dirs[stage]}))
+            stages.run(
+                stage, _argv(f"{stage}.yaml", {**common, **mode[stage], **inputs[stage], "output_dir": run_dirs[stage]})
+            )
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -204,13 +238,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     _loss_curve(run_dirs, out / "loss_curves.png")
-    summary = {"mode": "tiny" if args.tiny else "full", "results": results, "seconds": timings,
-               "final": str(run_dirs["dpo"] / "final")}
+    summary = {
+        "mode": "tiny" if args.tiny else "full",
+        "results": results,
+        "seconds": timings,
+        "final": str(run_dirs["dpo"] / "final"),
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     keys = sorted({k for r in results.values() for k in r})
     lines = ["| metric | instruct | dpo |", "|---|---|---|"]
-    lines += [f"| {k} | {results['instruct'].get(k, float('nan')):.4g} | {results['dpo'].get(k, float('nan')):.4g} |"
-              for k in keys]
+    lines += [
+        f"| {k} | {results['instruct'].get(k, float('nan')):.4g} | {results['dpo'].get(k, float('nan')):.4g} |"
+        for k in keys
+    ]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
