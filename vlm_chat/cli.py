@@ -375,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose or args.command == "serve":
         # Our own progress only; at INFO, httpx and friends would log every request the server makes.
         logging.getLogger("vlm_chat").setLevel(logging.INFO)
+    if not args.verbose:
+        # transformers draws a "Loading weights" bar per model on stderr; keep stderr for answers' errors only.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if getattr(args, "seed", None) is not None:
         import torch
 

@@ -104,24 +104,23 @@ def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
     return img
 
 
-def bound_aspect(img: Image.Image, side: int, max_ratio: float = 2.0) -> Image.Image:
-    """Keep an image's preprocessing cost bounded whatever its shape.
+def bound_aspect(img: Image.Image, side: int, max_ratio: float = 20.0) -> Image.Image:
+    """Keep preprocessing cost bounded for extremely elongated images; leave all others to the tower's processor.
 
     A tower's processor scales the *short* side to its input size, so a 20000x1 strip (a few bytes as PNG) would
-    become a 224 x 4.5M-pixel array. Images longer than ``2 * side`` are shrunk first; images more elongated than
-    ``max_ratio`` are then padded to a square with their mean colour (LLaVA's expand-to-square). Ordinary photos pass
-    through unchanged.
+    become a 224 x 4.5M-pixel array. Images more elongated than ``max_ratio`` are shrunk to fit ``2 * side`` and padded
+    to a square with their mean colour (LLaVA's expand-to-square); anything up to ``max_ratio``:1 is returned as is.
     """
-    if max(img.size) > 2 * side:
-        img = img.copy()
-        img.thumbnail((2 * side, 2 * side))
     w, h = img.size
-    if max(w, h) > max_ratio * min(w, h):
-        mean = tuple(int(c) for c in np.asarray(img).reshape(-1, 3).mean(0))
-        square = Image.new("RGB", (max(w, h), max(w, h)), mean)
-        square.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-        img = square
-    return img
+    if max(w, h) <= max_ratio * min(w, h):
+        return img
+    img = img.copy()
+    img.thumbnail((2 * side, 2 * side))
+    w, h = img.size
+    mean = tuple(int(c) for c in np.asarray(img).reshape(-1, 3).mean(0))
+    square = Image.new("RGB", (max(w, h), max(w, h)), mean)
+    square.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
 
 
 def load_image(image: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
