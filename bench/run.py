@@ -1,0 +1,715 @@
+"""Speed and memory of vlm-chat against the bare LLM and transformers' Llava, as ratios measured in one process.
+
+    python bench/run.py [--quick] [--device cpu|cuda] [--steps N] [--vision DIR]
+
+Prints markdown tables and, as its last line, ``key=value`` pairs: step_ratio_vs_llm, sample_speedup_vs_hf_llava,
+decode_ratio_vs_llm, ttft_ms, peak_rss_mb_train, peak_rss_mb_infer, gflops_train, matmul_gflops. What each number
+means: docs/benchmarks.md.
+
+Absolute times on a shared machine drift and stall, so every comparison is measured in alternating rounds (A B, then
+B A, ...) in the same process on the same weights, and each side is summarised by its fastest round: interference from
+other processes only ever adds time, so the minimum is the least disturbed estimate (as ``timeit`` advises). The
+median of the per-round ratios is kept in the JSON output for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers next to this script
+
+from flops import LMShape, lm_train_flops, mapper_train_flops, vit_forward_flops  # noqa: E402
+from llava_ref import build_llava  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from vlm_chat import VLMChat, easyvqa  # noqa: E402
+from vlm_chat.images import load_image  # noqa: E402
+from vlm_chat.offline import SMOLLM2_ALIAS, cache_dir  # noqa: E402
+from vlm_chat.prompting import IGNORE_INDEX  # noqa: E402
+from vlm_chat.training.stages import Collator, FeatureCache  # noqa: E402
+
+logger = logging.getLogger("bench")
+
+#: The keys of the last output line, in order.
+KEYS = ("step_ratio_vs_llm", "sample_speedup_vs_hf_llava", "decode_ratio_vs_llm", "ttft_ms", "peak_rss_mb_train",
+        "peak_rss_mb_infer", "gflops_train", "matmul_gflops")
+#: The tower the benchmark builds while the project has no demo tower: random-init CLIP vision encoder sized for
+#: easy-VQA's 64-pixel images (8-pixel patches -> 64 patch tokens + CLS). Speed does not depend on its weights.
+DEMO_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "image_size": 64, "patch_size": 8}
+SWEEP_BATCHES = (1, 2, 4, 8)
+TARGETS = {"step_ratio_vs_llm": ("<=", 1.10), "sample_speedup_vs_hf_llava": (">=", 1.5),
+           "decode_ratio_vs_llm": (">=", 0.95)}
+
+
+# ---------------------------------------------------------------------------------------------------- plumbing
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="Small workloads, no sweeps (about 3 minutes on 2 CPU cores).")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Timed rounds of every paired measurement, after one untimed warm-up round "
+                        "(default: 3 with --quick, 4 otherwise).")
+    p.add_argument("--vision", default=None,
+                   help="CLIP vision tower directory or hub id (default: a small random CLIP built here, see DEMO_TOWER).")
+    p.add_argument("--lm", default=SMOLLM2_ALIAS, help="The LLM (default: the offline SmolLM2-135M-Instruct Q4_1).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the cores not already busy, from the load average).")
+    p.add_argument("--batch", type=int, default=2, help="Sequences per step in the step-ratio benchmark.")
+    p.add_argument("--turns", type=int, default=None,
+                   help="QA turns per sequence in the step-ratio benchmark (default: 3 with --quick, all of the image).")
+    p.add_argument("--images", type=int, default=None,
+                   help="easy-VQA train images (each with all its questions) in the samples/s benchmark "
+                        "(default: 1 with --quick, 6 otherwise).")
+    p.add_argument("--questions", type=int, default=None,
+                   help="At most this many questions per image in the samples/s benchmark (default: all; "
+                        "easy-VQA has 6-12 per image, and more questions per image favour packing).")
+    p.add_argument("--ours-batch", type=int, default=2, help="Images (packed conversations) per step, our path.")
+    p.add_argument("--llava-batch", type=int, default=8, help="Questions per step, HF Llava path.")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="Tokens decoded per call in the decode benchmark (default: 16 with --quick, 64 otherwise).")
+    p.add_argument("--json", default=None, help="Also write every measured number to this JSON file.")
+    p.add_argument("--memory-child", choices=("lora", "qlora"), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.steps = args.steps if args.steps is not None else (3 if quick else 4)
+    args.turns = args.turns if args.turns is not None else (3 if quick else None)
+    args.images = args.images if args.images is not None else (1 if quick else 6)
+    args.new_tokens = args.new_tokens if args.new_tokens is not None else (16 if quick else 64)
+    for name in ("steps", "batch", "images", "ours_batch", "llava_batch") + (("questions",) if args.questions is not None else ()):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode speed is measured between the first and the last token)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    return args
+
+
+def auto_threads() -> tuple[int, str]:
+    """Threads for the cores that other processes leave free (at least one).
+
+    On an oversubscribed machine every OpenMP parallel region waits at its barrier for a descheduled thread: measured
+    here with four other agents busy, a SmolLM2 forward took 2-6x longer with 2 threads than with 1.
+    """
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    n = max(1, min(cores, int(cores - load + 0.5)))
+    return n, f"auto: {cores} cores, 1-min load average {load:.1f} before start"
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far: ``VmHWM``.
+
+    Not ``ru_maxrss``: Linux carries that over ``fork`` + ``exec``, so a child started from a big parent would report
+    the parent's size as its own floor.
+    """
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float | None:
+    """Resident set size now (``VmRSS``)."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: write 5 to clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tibest(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1,
+           label: str = "") -> dict[str, list[float]]:
+    """Run every function once per round, alternating the order (A B C, C B A, ...) so slow drift of the machine
+    hits all of them alike. The first ``warmup`` rounds are not recorded."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            dt = tibest(fns[n], device)
+            if r >= warmup:
+                times[n].append(dt)
+        logger.info("%s round %d/%d%s: %s (load average %.1f)", label, r + 1, warmup + rounds,
+                    " (warm-up)" if r < warmup else "",
+                    ", ".join(f"{n}={times[n][-1]:.2f}s" for n in names if times[n]) or "-", os.getloadavg()[0])
+    return times
+
+
+def ratio(num: list[float], den: list[float]) -> float:
+    """Fastest ``num`` over fastest ``den`` (see the module docstring for why the minimum)."""
+    return min(num) / min(den)
+
+
+def round_ratio(num: list[float], den: list[float]) -> float:
+    """Median of the per-round ratios, for comparison with :func:`ratio`."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def best(xs: list[float]) -> float:
+    return min(xs)
+
+
+# ---------------------------------------------------------------------------------------------------- workloads
+def build_demo_tower(directory: Path) -> str:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPVisionModel(CLIPVisionConfig(**DEMO_TOWER)).save_pretrained(directory)
+    size = DEMO_TOWER["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(directory)
+    return str(directory)
+
+
+def ensure_lm_converted(lm: str) -> None:
+    """Convert the offline GGUF in a child process, so its one-time ~1 GB conversion never counts in our peak RSS."""
+    if Path(lm).is_dir() or (cache_dir() / SMOLLM2_ALIAS / "model.safetensors").is_file():
+        return
+    logger.info("converting %s once, in a separate process", lm)
+    subprocess.run([sys.executable, "-c", "import sys; from vlm_chat.offline import resolve_lm; resolve_lm(sys.argv[1])",
+                    lm], check=True)
+
+
+def vqa_groups(num_images: int, questions: int | None = None) -> list[tuple[str, list[dict]]]:
+    """The first ``num_images`` easy-VQA train images, each with (the first ``questions`` of) its questions as one
+    conversation."""
+    samples = easyvqa.load_split("train")
+    groups = easyvqa.group_by_image(samples)
+    ids = list(groups)[:num_images]
+    picked = [s for i in ids for s in groups[i]]
+    convs = easyvqa.conversations(picked)
+    return [(groups[i][0].image, convs[i][0][: 2 * questions] if questions else convs[i][0]) for i in ids]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def step_batches(chat: VLMChat, groups, batch: int, turns: int | None) -> tuple[dict, dict]:
+    """A VLM batch from the instruct collator (pixels in: the tower runs inside the step) and the same batch for the
+    bare LLM: image positions hold a text token instead, so length, padding and supervised positions are identical."""
+    rows = [{"image": path, "messages": msgs[: 2 * turns] if turns else msgs} for path, msgs in groups[:batch]]
+    if len(rows) < batch:
+        raise ValueError(f"--batch {batch} needs {batch} images; the benchmark loaded {len(rows)} (raise --images)")
+    vlm = Collator(chat, "instruct", FeatureCache(chat, enabled=False))(rows)
+    filler = chat.processor.tokenizer(" image", add_special_tokens=False)["input_ids"][0]
+    ids = vlm["input_ids"].clone()
+    ids[ids == chat.processor.image_token_id] = filler
+    llm = {"input_ids": ids, "attention_mask": vlm["attention_mask"], "labels": vlm["labels"]}
+    return to_device(vlm, chat.device), to_device(llm, chat.device)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(chat: VLMChat) -> torch.optim.Optimizer:
+    """The instruct stage's groups: mapper lr 1e-3, LoRA lr 2e-4."""
+    chat.model.configure_trainable(mapper=True, lora=True)
+    lora = [p for n, p in chat.model.lm.named_parameters() if "lora_" in n]
+    return torch.optim.AdamW([{"params": list(chat.model.mapper.parameters()), "lr": 1e-3},
+                              {"params": lora, "lr": 2e-4}])
+
+
+def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, params) -> float:
+    """One optimizer step as the engine takes it: forward (loss), backward, clip, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return float(loss)
+
+
+def vlm_step_flops(chat: VLMChat, batch: dict) -> float:
+    """Analytic FLOPs of one VLM training step on ``batch`` (see bench/flops.py for the rules)."""
+    b, t = batch["input_ids"].shape
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    vision = chat.model.vision
+    n_img = int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else int(batch["image_features"].shape[0])
+    mapper_params = sum(p.numel() for p in chat.model.mapper.parameters())
+    lm = lm_train_flops(LMShape.from_config(chat.model.causal_lm.config), b, t, supervised, chat.config.lm.lora_r)
+    return lm + vit_forward_flops(vision.model.config, n_img) + mapper_train_flops(mapper_params, n_img, vision.grid**2)
+
+
+def llava_step_flops(chat: VLMChat, batch: dict) -> float:
+    """Analytic FLOPs of one HF Llava step: LM head at every position, tower once per sample."""
+    b, t = batch["input_ids"].shape
+    vision = chat.model.vision
+    mapper_params = sum(p.numel() for p in chat.model.mapper.parameters())
+    lm = lm_train_flops(LMShape.from_config(chat.model.causal_lm.config), b, t, b * t, chat.config.lm.lora_r)
+    return lm + vit_forward_flops(vision.model.config, b) + mapper_train_flops(mapper_params, b, vision.grid**2)
+
+
+def matmul_fn(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
+    """A plain square matmul in the training dtype and its FLOPs (repeated on a GPU, where one is microseconds)."""
+    n, reps = (4096, 20) if device.type == "cuda" else (2048, 1)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def run():
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return run, 2.0 * n**3 * reps
+
+
+# ---------------------------------------------------------------------------------------------------- benchmarks
+def bench_decode(chat: VLMChat, groups, new_tokens: int, rounds: int) -> dict:
+    """Decode tokens/s of VLMChat.generate vs the bare LLM's generate at the same context length, and TTFT.
+
+    Each side runs with ``max_new_tokens = min_new_tokens = M`` and with 1; decode speed = (M - 1) / (t_M - t_1), so
+    prompt processing (image preprocessing, tower, mapper, prefill) cancels out of it and is what TTFT measures.
+    """
+    chat.model.eval()
+    image, prompt = load_image(groups[0][0]), groups[0][1][0]["content"].replace("<image>\n", "")
+    proc, tok = chat.processor, chat.processor.tokenizer
+    enc = proc.encode_prompt(prompt, None, has_image=True, reserve=new_tokens)
+    filler = tok(" image", add_special_tokens=False)["input_ids"][0]
+    ids = torch.tensor([[filler if t == proc.image_token_id else t for t in enc.input_ids]], device=chat.device)
+    context = ids.shape[1]
+
+    def gen_cfg(n):
+        return GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=proc.stop_token_ids,
+                                pad_token_id=tok.pad_token_id, suppress_tokens=[proc.image_token_id])
+
+    def vlm(n):
+        return lambda: chat.generate(image, prompt, max_new_tokens=n, min_new_tokens=n)
+
+    def llm(n):
+        cfg = gen_cfg(n)
+
+        def run():
+            with torch.inference_mode():
+                out = chat.model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            if out.shape[1] != context + n:
+                raise RuntimeError(f"bare LLM generated {out.shape[1] - context} tokens, expected {n}")
+        return run
+
+    m = new_tokens
+    t = paired({"vlm_M": vlm(m), "llm_M": llm(m), "vlm_1": vlm(1), "llm_1": llm(1)}, rounds, chat.device,
+               label="decode")
+    vlm_tps = (m - 1) / (min(t["vlm_M"]) - min(t["vlm_1"]))
+    llm_tps = (m - 1) / (min(t["llm_M"]) - min(t["llm_1"]))
+    per_round = [(a - b) / (c - d) for a, b, c, d in zip(t["llm_M"], t["llm_1"], t["vlm_M"], t["vlm_1"])]
+    return {
+        "decode_ratio_vs_llm": vlm_tps / llm_tps, "decode_ratio_vs_llm_round_median": statistics.median(per_round),
+        "decode_tok_s_vlm": vlm_tps, "decode_tok_s_llm": llm_tps,
+        "ttft_ms": 1000 * best(t["vlm_1"]), "ttft_ms_llm": 1000 * best(t["llm_1"]),
+        "decode_context_tokens": context, "decode_new_tokens": m,
+    }
+
+
+def bench_step(chat: VLMChat, groups, batch: int, turns: int | None, rounds: int, optimizer,
+               with_matmul: bool = True, with_hf_loss: bool = True, label: str = "step") -> dict:
+    """One instruct step of the VLM vs one of the bare LLM (same LoRA, same loss code, same length and batch)."""
+    chat.model.train()
+    vlm_batch, llm_batch = step_batches(chat, groups, batch, turns)
+    params = trainable(chat.model)
+    causal_lm = chat.model.causal_lm
+    fns = {
+        "vlm": lambda: train_step(chat.model, vlm_batch, optimizer, params),
+        # The bare LLM through the same forward (text only): isolates what vision adds.
+        "llm": lambda: train_step(chat.model, llm_batch, optimizer, params),
+    }
+    if with_hf_loss:
+        # transformers' default causal-LM loss (logits at every position), for the comparison a user would make.
+        fns["llm_hf"] = lambda: train_step(causal_lm, llm_batch, optimizer, params)
+    if with_matmul:
+        mm, mm_flops = matmul_fn(chat.device, next(causal_lm.parameters()).dtype)
+        fns["matmul"] = mm
+    t = paired(fns, rounds, chat.device, label=label)
+    flops = vlm_step_flops(chat, vlm_batch)
+    out = {
+        "step_ratio_vs_llm": ratio(t["vlm"], t["llm"]), "step_ratio_vs_llm_round_median": round_ratio(t["vlm"], t["llm"]),
+        "step_s_vlm": best(t["vlm"]), "step_s_llm": best(t["llm"]),
+        "step_batch": batch, "step_seq_len": int(vlm_batch["input_ids"].shape[1]),
+        "step_visual_tokens": chat.config.num_image_tokens,
+        "step_gflop": flops / 1e9, "gflops_train": flops / 1e9 / best(t["vlm"]),
+        "step_tokens_per_s_vlm": vlm_batch["input_ids"].numel() / best(t["vlm"]),
+    }
+    if with_hf_loss:
+        out.update({"step_ratio_vs_llm_hf_loss": ratio(t["vlm"], t["llm_hf"]), "step_s_llm_hf_loss": best(t["llm_hf"])})
+    if with_matmul:
+        out["matmul_gflops"] = mm_flops / 1e9 / best(t["matmul"])
+    return out
+
+
+def ours_epoch_fn(chat: VLMChat, groups, images_per_batch: int, optimizer) -> tuple[Callable[[], None], float]:
+    """Our train/instruct.py path over the images: QA turns packed per image, the instruct Collator, a FeatureCache
+    that is cold at every call (so the tower runs once per image, as in the first epoch), loss at supervised positions.
+    """
+    rows = [{"image": path, "messages": msgs} for path, msgs in groups]
+    params = trainable(chat.model)
+    flops = 0.0
+    probe = Collator(chat, "instruct", FeatureCache(chat, enabled=False))
+    for i in range(0, len(rows), images_per_batch):
+        flops += vlm_step_flops(chat, probe(rows[i:i + images_per_batch]))
+
+    def run():
+        collate = Collator(chat, "instruct", FeatureCache(chat, enabled=True))
+        for i in range(0, len(rows), images_per_batch):
+            train_step(chat.model, to_device(collate(rows[i:i + images_per_batch]), chat.device), optimizer, params)
+
+    return run, flops
+
+
+def llava_epoch_fn(llava, chat: VLMChat, groups, batch: int, optimizer) -> tuple[Callable[[], None], float]:
+    """HF Llava's way: one sample per question (image + question + answer), the tower on every sample, the model's
+    default loss (logits at every position). Tokens and labels come from the same template as ours."""
+    proc = chat.processor
+    samples = []
+    for path, msgs in groups:
+        for k in range(0, len(msgs), 2):
+            question = msgs[k]["content"].replace("<image>\n", "")
+            samples.append((path, [{"role": "user", "content": "<image>\n" + question}, msgs[k + 1]]))
+    params = trainable(llava)
+
+    def collate(chunk):
+        batch = proc.pad([proc.encode_conversation(m, num_images=1) for _, m in chunk], "right")
+        batch["pixel_values"] = proc.pixel_values([load_image(p) for p, _ in chunk])
+        return to_device(batch, chat.device)
+
+    flops = sum(llava_step_flops(chat, collate(samples[i:i + batch])) for i in range(0, len(samples), batch))
+
+    def run():
+        for i in range(0, len(samples), batch):
+            train_step(llava, collate(samples[i:i + batch]), optimizer, params)
+
+    return run, flops
+
+
+def check_llava_matches(llava, chat: VLMChat, groups) -> float:
+    """Both models on one single-question sample, dropout off: the losses must agree, else the comparison is void."""
+    path, msgs = groups[0]
+    proc = chat.processor
+    batch = proc.pad([proc.encode_conversation(msgs[:2], num_images=1)], "right")
+    batch["pixel_values"] = proc.pixel_values([load_image(path)])
+    batch = to_device(batch, chat.device)
+    chat.model.eval()
+    llava.eval()
+    with torch.no_grad():
+        ours, theirs = float(chat.model(**batch).loss), float(llava(**batch).loss)
+    chat.model.train()
+    llava.train()
+    diff = abs(ours - theirs)
+    tol = 1e-3 if next(llava.parameters()).dtype == torch.float32 else 5e-2
+    if diff > tol:
+        raise RuntimeError(f"HF Llava is not the same model: loss {theirs:.6f} vs ours {ours:.6f} on one sample")
+    logger.info("HF Llava reproduces our loss on one sample: %.6f vs %.6f", theirs, ours)
+    return diff
+
+
+def bench_samples(chat: VLMChat, groups, args, optimizer, rounds: int) -> dict:
+    llava = build_llava(chat)
+    diff = check_llava_matches(llava, chat, groups)
+    llava_opt = torch.optim.AdamW([{"params": [p for n, p in llava.named_parameters() if "multi_modal_projector" in n
+                                               and p.requires_grad], "lr": 1e-3},
+                                   {"params": [p for n, p in llava.named_parameters() if ".lora_" in n], "lr": 2e-4}])
+    n_samples = sum(len(m) // 2 for _, m in groups)
+    ours, ours_flops = ours_epoch_fn(chat, groups, args.ours_batch, optimizer)
+    theirs, llava_flops = llava_epoch_fn(llava, chat, groups, args.llava_batch, llava_opt)
+    # Warm-up on a slice (one image, two questions) instead of a whole untimed round: Llava's first backward and
+    # optimizer step pay one-time costs, and a full round of Llava is the most expensive thing in the benchmark.
+    small = [(groups[0][0], groups[0][1][:4])]
+    for warm in (ours_epoch_fn(chat, small, 1, optimizer)[0], llava_epoch_fn(llava, chat, small, 2, llava_opt)[0]):
+        chat.model.train()
+        warm()
+    t = paired({"ours": ours, "llava": theirs}, rounds, chat.device, warmup=0, label="samples/s")
+    del llava, llava_opt
+    return {
+        "sample_speedup_vs_hf_llava": ratio(t["llava"], t["ours"]),
+        "sample_speedup_round_median": round_ratio(t["llava"], t["ours"]),
+        "samples_per_s_ours": n_samples / best(t["ours"]), "samples_per_s_llava": n_samples / best(t["llava"]),
+        "samples": n_samples, "sample_images": len(groups),
+        "gflop_per_sample_ours": ours_flops / n_samples / 1e9, "gflop_per_sample_llava": llava_flops / n_samples / 1e9,
+        "llava_loss_abs_diff": diff,
+    }
+
+
+def ours_samples_per_s(chat: VLMChat, groups, args, optimizer, rounds: int) -> float:
+    run, _ = ours_epoch_fn(chat, groups, args.ours_batch, optimizer)
+    chat.model.train()
+    t = paired({"ours": run}, rounds, chat.device, label="samples/s ours")
+    return sum(len(m) // 2 for _, m in groups) / best(t["ours"])
+
+
+# ---------------------------------------------------------------------------------------------------- sweeps
+def sweep_batch(chat, groups, args, optimizer) -> list[dict]:
+    rows = []
+    for b in SWEEP_BATCHES:
+        if b > len(groups):
+            break
+        r = bench_step(chat, groups, b, args.turns, rounds=2, optimizer=optimizer, with_matmul=False, with_hf_loss=False,
+                       label=f"batch {b}")
+        rows.append({"batch": b, **r})
+    return rows
+
+
+def sweep_visual_tokens(chat, vision, groups, args) -> list[dict]:
+    rows = []
+    for kind, queries in (("mlp", None), ("perceiver", 16), ("perceiver", 64), ("qformer", 16), ("qformer", 64)):
+        if kind == "mlp":
+            c = chat
+        else:
+            c = VLMChat.from_components(vision, args.lm, kind, mapper_config={"num_queries": queries},
+                                        device=args.device)
+        opt = make_optimizer(c)
+        r = bench_step(c, groups, args.batch, args.turns, rounds=2, optimizer=opt, with_matmul=False, with_hf_loss=False,
+                       label=f"{kind} {c.config.num_image_tokens}")
+        r["samples_per_s_ours"] = ours_samples_per_s(c, groups, args, opt, rounds=2)
+        r["mapper_params"] = sum(p.numel() for p in c.model.mapper.parameters())
+        rows.append({"mapper": kind, **r})
+        if c is not chat:
+            del c, opt
+    return rows
+
+
+def sweep_memory(vision: str, args) -> list[dict]:
+    """LoRA vs QLoRA: each in its own process, so each peak RSS is that configuration's alone."""
+    rows = []
+    for kind in ("lora", "qlora"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", kind, "--vision", vision,
+               "--lm", args.lm, "--device", args.device, "--threads", str(args.threads), "--batch", str(args.batch),
+               "--images", str(args.batch)] + (["--turns", str(args.turns)] if args.turns else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            logger.warning("%s memory run failed: %s", kind, proc.stderr.strip().splitlines()[-1:])
+            rows.append({"kind": kind, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]})
+            continue
+        rows.append({"kind": kind, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return rows
+
+
+def memory_child(args) -> None:
+    """Load one configuration, take 3 training steps, print RSS figures (and the CUDA peak) as JSON.
+
+    The load peak (weights read in full precision, then quantized for QLoRA) is reported apart from the training peak:
+    after loading, VmHWM is reset to the resident size, so the training peak is that of a process that holds the
+    loaded model and trains.
+    """
+    base = peak_rss_mb()
+    start = time.perf_counter()
+    chat = VLMChat.from_components(args.vision, args.lm, "mlp", device=args.device,
+                                   lm_config={"load_in_4bit": args.memory_child == "qlora"})
+    load_s = time.perf_counter() - start
+    load_peak, resident = peak_rss_mb(), rss_mb()
+    reset = reset_peak_rss()
+    opt = make_optimizer(chat)
+    chat.model.train()
+    vlm_batch, _ = step_batches(chat, vqa_groups(args.batch), args.batch, args.turns)
+    params = trainable(chat.model)
+    times = [tibest(lambda: train_step(chat.model, vlm_batch, opt, params), chat.device) for _ in range(3)]
+    out = {"rss_after_imports_mb": base, "peak_rss_mb_load": load_peak, "rss_mb_loaded": resident,
+           "peak_rss_mb_train": peak_rss_mb(), "train_peak_excludes_load": reset, "load_s": load_s, "step_s": best(times[1:]), "seq_len": int(vlm_batch["input_ids"].shape[1])}
+    if chat.device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    op, target = TARGETS[key]
+    ok = value <= target if op == "<=" else value >= target
+    return f"target {op} {target}: {'met' if ok else 'MISSED'}"
+
+
+def report(r: dict, env: dict, sweeps: dict) -> str:
+    out = [f"# vlm-chat benchmark ({env['mode']})", ""]
+    out += [f"- {k}: {v}" for k, v in env.items()]
+    out += ["", table(["metric", "value", "what", "target"], [
+        ["step_ratio_vs_llm", r["step_ratio_vs_llm"],
+         f"VLM step {r['step_s_vlm']:.2f} s / bare-LLM step {r['step_s_llm']:.2f} s (same LoRA, same loss code; "
+         f"batch {r['step_batch']} x {r['step_seq_len']} tokens, {r['step_visual_tokens']} visual)",
+         verdict("step_ratio_vs_llm", r["step_ratio_vs_llm"])],
+        *([["step_ratio_vs_llm_hf_loss", r["step_ratio_vs_llm_hf_loss"],
+             f"VLM step / bare-LLM step with transformers' default loss (logits everywhere, "
+             f"{r['step_s_llm_hf_loss']:.2f} s)", ""]] if "step_ratio_vs_llm_hf_loss" in r else []),
+        ["sample_speedup_vs_hf_llava", r["sample_speedup_vs_hf_llava"],
+         f"{r['samples_per_s_ours']:.2f} / {r['samples_per_s_llava']:.2f} QA samples/s, {r['samples']} questions on "
+         f"{r['sample_images']} image(s); analytic {r['gflop_per_sample_ours']:.1f} vs "
+         f"{r['gflop_per_sample_llava']:.1f} GFLOP/sample", verdict("sample_speedup_vs_hf_llava",
+                                                                     r["sample_speedup_vs_hf_llava"])],
+        ["decode_ratio_vs_llm", r["decode_ratio_vs_llm"],
+         f"{r['decode_tok_s_vlm']:.1f} / {r['decode_tok_s_llm']:.1f} tokens/s at {r['decode_context_tokens']} "
+         f"context tokens, {r['decode_new_tokens']} new", verdict("decode_ratio_vs_llm", r["decode_ratio_vs_llm"])],
+        ["ttft_ms", r["ttft_ms"], f"VLMChat.generate, 1 new token (image in); bare LLM {r['ttft_ms_llm']:.0f} ms", ""],
+        ["peak_rss_mb_infer", r["peak_rss_mb_infer"],
+         f"process peak after loading and the decode benchmark (after imports: {r['rss_after_imports_mb']:.0f})", ""],
+        ["peak_rss_mb_train", r["peak_rss_mb_train"], "process peak after the training-step benchmark", ""],
+        ["gflops_train", r["gflops_train"],
+         f"analytic {r['step_gflop']:.0f} GFLOP per VLM step / step time; MFU vs matmul "
+         f"{100 * r['gflops_train'] / r['matmul_gflops']:.0f}%", ""],
+        ["matmul_gflops", r["matmul_gflops"], "plain square matmul, timed between the training steps", ""],
+    ])]
+    if sweeps.get("batch"):
+        out += ["", "## Batch size (VLM vs bare-LLM step)", "", table(
+            ["batch", "seq len", "VLM step s", "LLM step s", "ratio", "VLM tokens/s", "GFLOP/s"],
+            [[x["batch"], x["step_seq_len"], x["step_s_vlm"], x["step_s_llm"], x["step_ratio_vs_llm"],
+              x["step_tokens_per_s_vlm"], x["gflops_train"]] for x in sweeps["batch"]])]
+    if sweeps.get("visual"):
+        out += ["", f"## Visual tokens (batch {args_batch(sweeps)})", "", table(
+            ["mapper", "visual tokens", "mapper params", "seq len", "VLM step s", "LLM step s", "ratio",
+             "our samples/s"],
+            [[x["mapper"], x["step_visual_tokens"], x["mapper_params"], x["step_seq_len"], x["step_s_vlm"],
+              x["step_s_llm"], x["step_ratio_vs_llm"], x["samples_per_s_ours"]] for x in sweeps["visual"]])]
+    if sweeps.get("memory"):
+        out += ["", f"## LoRA vs QLoRA memory (one process each, batch {args_batch(sweeps)}, 3 steps)", "", table(
+            ["kind", "RSS after imports MB", "peak RSS loading MB", "RSS loaded MB", "peak RSS training MB", "step s",
+             "load s", "note"],
+            [[x["kind"], x.get("rss_after_imports_mb", "-"), x.get("peak_rss_mb_load", "-"), x.get("rss_mb_loaded", "-"),
+              x.get("peak_rss_mb_train", "-"), x.get("step_s", "-"), x.get("load_s", "-"),
+              x.get("error", f"cuda peak {x['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in x
+                    else "" if x.get("train_peak_excludes_load") else "training peak includes the load peak")]
+             for x in sweeps["memory"]])]
+    return "\n".join(out)
+
+
+def args_batch(sweeps: dict) -> int:
+    return sweeps["step_batch"]
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    how = "given"
+    if args.threads is None:
+        args.threads, how = auto_threads()
+    torch.set_num_threads(args.threads)  # before any parallel op: forked OpenMP pools are not reused
+    if args.memory_child:
+        memory_child(args)
+        return {}
+    wall = time.perf_counter()
+    device = torch.device(args.device)
+    rss_base = peak_rss_mb()
+    tmp = tempfile.TemporaryDirectory(prefix="vlm-bench-")
+    if args.vision:
+        vision, tower_note = args.vision, f"{args.vision} (given)"
+    else:
+        vision = build_demo_tower(Path(tmp.name) / "tower")
+        tower_note = ("random-init CLIP vision tower built by the benchmark (the demo tower does not exist yet): "
+                      + ", ".join(f"{k}={v}" for k, v in DEMO_TOWER.items()))
+    ensure_lm_converted(args.lm)
+    groups = vqa_groups(max(args.images, args.batch, 1 if args.quick else max(SWEEP_BATCHES)))
+    sample_groups = vqa_groups(args.images, args.questions)
+
+    chat = VLMChat.from_components(vision, args.lm, "mlp", device=device)
+    results: dict = {"rss_after_imports_mb": rss_base}
+    # Inference first, then training: ru_maxrss only grows, so reading it after each phase gives the inference peak
+    # of a process that only loaded and generated, then the peak once it has also trained (same model object).
+    results.update(bench_decode(chat, groups, args.new_tokens, args.steps))
+    results["peak_rss_mb_infer"] = peak_rss_mb()
+    optimizer = make_optimizer(chat)
+    results.update(bench_step(chat, groups, args.batch, args.turns, args.steps, optimizer))
+    results["peak_rss_mb_train"] = peak_rss_mb()
+    if device.type == "cuda":
+        results["cuda_peak_mb_train"] = torch.cuda.max_memory_allocated(device) / 2**20
+    results.update(bench_samples(chat, sample_groups, args, optimizer, args.steps))
+
+    sweeps: dict = {"step_batch": args.batch}
+    if not args.quick:
+        sweeps["batch"] = sweep_batch(chat, groups, args, optimizer)
+        sweeps["visual"] = sweep_visual_tokens(chat, vision, sample_groups, args)
+        sweeps["memory"] = sweep_memory(vision, args)
+    env = {
+        "mode": "quick" if args.quick else "full",
+        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "device": f"{args.device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                                      else f" ({cpu_model()}, {os.cpu_count()} cores)"),
+        "threads": f"{args.threads} ({how})",
+        "torch / transformers / peft": _versions(),
+        "dtype": str(next(chat.model.causal_lm.parameters()).dtype).removeprefix("torch."),
+        "llm": args.lm,
+        "vision tower": tower_note,
+        "steps": f"{args.steps} timed rounds per comparison after a warm-up; each side's fastest round is used",
+        "wall time": f"{time.perf_counter() - wall:.0f} s",
+    }
+    print(report(results, env, sweeps), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "results": results, "sweeps": sweeps}, indent=2) + "\n")
+    print(" ".join(f"{k}={results[k]:.4g}" for k in KEYS), flush=True)
+    tmp.cleanup()
+    return results
+
+
+def _versions() -> str:
+    import peft
+    import transformers
+
+    return f"{torch.__version__} / {transformers.__version__} / {peft.__version__}"
+
+
+if __name__ == "__main__":
+    main()
