@@ -413,7 +413,8 @@ def save_config(path: str | os.PathLike, *objs: Any) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A unique temporary name: every process of a multi-process run writes the same file at the same time.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("# Resolved configuration of this run; reproduce with --config <this file>.\n")
         yaml.safe_dump(config_to_dict(*objs), fh, sort_keys=False, allow_unicode=True)
