@@ -54,6 +54,9 @@ KEYS = ("step_ratio_vs_llm", "sample_speedup_vs_hf_llava", "decode_ratio_vs_llm"
 DEMO_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
               "image_size": 64, "patch_size": 8}
 SWEEP_BATCHES = (1, 2, 4, 8)
+#: Configurations of the memory sweep -> LMConfig overrides. "lora, dropout 0" shows what PEFT's per-projection
+#: dropout costs: it draws a fresh mask and keeps a dropped copy of the input for each of the 7 adapted projections.
+MEMORY_KINDS = {"lora": {}, "qlora": {"load_in_4bit": True}, "lora-dropout0": {"lora_dropout": 0.0}}
 TARGETS = {"step_ratio_vs_llm": ("<=", 1.10), "sample_speedup_vs_hf_llava": (">=", 1.5),
            "decode_ratio_vs_llm": (">=", 0.95)}
 
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None,
                    help="Tokens decoded per call in the decode benchmark (default: 16 with --quick, 64 otherwise).")
     p.add_argument("--json", default=None, help="Also write every measured number to this JSON file.")
-    p.add_argument("--memory-child", choices=("lora", "qlora"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", choices=MEMORY_KINDS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     args.steps = args.steps if args.steps is not None else (3 if quick else 4)
@@ -510,9 +513,10 @@ def sweep_visual_tokens(chat, vision, groups, args) -> list[dict]:
 
 
 def sweep_memory(vision: str, args) -> list[dict]:
-    """LoRA vs QLoRA: each in its own process, so each peak RSS is that configuration's alone."""
+    """LoRA vs QLoRA (and LoRA without dropout): each in its own process, so each peak RSS is that configuration's
+    alone."""
     rows = []
-    for kind in ("lora", "qlora"):
+    for kind in MEMORY_KINDS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", kind, "--vision", vision,
                "--lm", args.lm, "--device", args.device, "--threads", str(args.threads), "--batch", str(args.batch),
                "--images", str(args.batch)] + (["--turns", str(args.turns)] if args.turns else [])
@@ -535,8 +539,11 @@ def memory_child(args) -> None:
     base = peak_rss_mb()
     start = time.perf_counter()
     chat = VLMChat.from_components(args.vision, args.lm, "mlp", device=args.device,
-                                   lm_config={"load_in_4bit": args.memory_child == "qlora"})
+                                   lm_config=MEMORY_KINDS[args.memory_child])
     load_s = time.perf_counter() - start
+    with torch.no_grad():  # safetensors weights are memory-mapped: read every one so all of them are resident
+        for p in chat.model.parameters():
+            p.detach().sum()
     load_peak, resident = peak_rss_mb(), rss_mb()
     reset = reset_peak_rss()
     opt = make_optimizer(chat)
@@ -545,6 +552,8 @@ def memory_child(args) -> None:
     params = trainable(chat.model)
     times = [tibest(lambda: train_step(chat.model, vlm_batch, opt, params), chat.device) for _ in range(3)]
     out = {"rss_after_imports_mb": base, "peak_rss_mb_load": load_peak, "rss_mb_loaded": resident,
+           # Anonymous (allocated) vs file-backed (the memory-mapped checkpoint, reclaimable page cache) resident memory.
+           "rss_anon_mb_loaded": _status_mb("RssAnon"), "rss_file_mb_loaded": _status_mb("RssFile"),
            "peak_rss_mb_train": peak_rss_mb(), "train_peak_excludes_load": reset, "load_s": load_s, "step_s": best(times[1:]), "seq_len": int(vlm_batch["input_ids"].shape[1])}
     if chat.device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -622,10 +631,13 @@ def report(r: dict, env: dict, sweeps: dict) -> str:
             [[x["mapper"], x["step_visual_tokens"], x["mapper_params"], x["step_seq_len"], x["step_s_vlm"],
               x["step_s_llm"], x["step_ratio_vs_llm"], x["samples_per_s_ours"]] for x in sweeps["visual"]])]
     if sweeps.get("memory"):
-        out += ["", f"## LoRA vs QLoRA memory (one process each, batch {args_batch(sweeps)}, 3 steps)", "", table(
-            ["kind", "RSS after imports MB", "peak RSS loading MB", "RSS loaded MB", "peak RSS training MB", "step s",
-             "load s", "note"],
-            [[x["kind"], x.get("rss_after_imports_mb", "-"), x.get("peak_rss_mb_load", "-"), x.get("rss_mb_loaded", "-"),
+        out += ["", f"## LoRA vs QLoRA memory (one process each, batch {args_batch(sweeps)}, 3 steps)", "",
+                "RSS loaded: after reading every weight once (the safetensors file is memory-mapped). Peak training: "
+                "VmHWM reset after loading, then 3 steps.", "", table(
+            ["kind", "RSS after imports MB", "RSS loaded MB", "of it anon / file MB", "peak RSS training MB",
+             "step s", "load s", "note"],
+            [[x["kind"], x.get("rss_after_imports_mb", "-"), x.get("rss_mb_loaded", "-"),
+              f"{x['rss_anon_mb_loaded']:.0f} / {x['rss_file_mb_loaded']:.0f}" if x.get("rss_anon_mb_loaded") else "-",
               x.get("peak_rss_mb_train", "-"), x.get("step_s", "-"), x.get("load_s", "-"),
               x.get("error", f"cuda peak {x['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in x
                     else "" if x.get("train_peak_excludes_load") else "training peak includes the load peak")]
