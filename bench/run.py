@@ -362,6 +362,11 @@ def bench_step(chat: VLMChat, groups, batch: int, turns: int | None, rounds: int
     if with_hf_loss:
         # transformers' default causal-LM loss (logits at every position), for the comparison a user would make.
         fns["llm_hf"] = lambda: train_step(causal_lm, llm_batch, optimizer, params)
+        # The same VLM step with PEFT's LoRA dropout off (p=0 makes nn.Dropout return its input): what it costs.
+        drops = [m for n, m in chat.model.lm.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+        if drops and any(m.p > 0 for m in drops):
+            fns["vlm_dropout0"] = lambda: _without_dropout(drops, lambda: train_step(chat.model, vlm_batch, optimizer,
+                                                                                     params))
     if with_matmul:
         mm, mm_flops = matmul_fn(chat.device, next(causal_lm.parameters()).dtype)
         fns["matmul"] = mm
@@ -377,9 +382,23 @@ def bench_step(chat: VLMChat, groups, batch: int, turns: int | None, rounds: int
     }
     if with_hf_loss:
         out.update({"step_ratio_vs_llm_hf_loss": ratio(t["vlm"], t["llm_hf"]), "step_s_llm_hf_loss": best(t["llm_hf"])})
+    if "vlm_dropout0" in t:
+        out.update({"step_s_vlm_lora_dropout0": best(t["vlm_dropout0"]),
+                    "lora_dropout_step_cost": ratio(t["vlm"], t["vlm_dropout0"])})
     if with_matmul:
         out["matmul_gflops"] = mm_flops / 1e9 / best(t["matmul"])
     return out
+
+
+def _without_dropout(drops: list[torch.nn.Dropout], fn: Callable[[], object]) -> object:
+    saved = [m.p for m in drops]
+    for m in drops:
+        m.p = 0.0
+    try:
+        return fn()
+    finally:
+        for m, p in zip(drops, saved):
+            m.p = p
 
 
 def ours_epoch_fn(chat: VLMChat, groups, images_per_batch: int, optimizer) -> tuple[Callable[[], None], float]:
@@ -545,6 +564,8 @@ def memory_child(args) -> None:
         for p in chat.model.parameters():
             p.detach().sum()
     load_peak, resident = peak_rss_mb(), rss_mb()
+    # Anonymous (allocated) vs file-backed (the memory-mapped checkpoint, reclaimable page cache) resident memory.
+    anon, file = _status_mb("RssAnon"), _status_mb("RssFile")
     reset = reset_peak_rss()
     opt = make_optimizer(chat)
     chat.model.train()
@@ -552,8 +573,7 @@ def memory_child(args) -> None:
     params = trainable(chat.model)
     times = [tibest(lambda: train_step(chat.model, vlm_batch, opt, params), chat.device) for _ in range(3)]
     out = {"rss_after_imports_mb": base, "peak_rss_mb_load": load_peak, "rss_mb_loaded": resident,
-           # Anonymous (allocated) vs file-backed (the memory-mapped checkpoint, reclaimable page cache) resident memory.
-           "rss_anon_mb_loaded": _status_mb("RssAnon"), "rss_file_mb_loaded": _status_mb("RssFile"),
+           "rss_anon_mb_loaded": anon, "rss_file_mb_loaded": file,
            "peak_rss_mb_train": peak_rss_mb(), "train_peak_excludes_load": reset, "load_s": load_s, "step_s": best(times[1:]), "seq_len": int(vlm_batch["input_ids"].shape[1])}
     if chat.device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -602,6 +622,9 @@ def report(r: dict, env: dict, sweeps: dict) -> str:
         *([["step_ratio_vs_llm_hf_loss", r["step_ratio_vs_llm_hf_loss"],
              f"VLM step / bare-LLM step with transformers' default loss (logits everywhere, "
              f"{r['step_s_llm_hf_loss']:.2f} s)", ""]] if "step_ratio_vs_llm_hf_loss" in r else []),
+        *([["lora_dropout_step_cost", r["lora_dropout_step_cost"],
+             f"VLM step with PEFT's LoRA dropout / without it ({r['step_s_vlm_lora_dropout0']:.2f} s)", ""]]
+          if "lora_dropout_step_cost" in r else []),
         ["sample_speedup_vs_hf_llava", r["sample_speedup_vs_hf_llava"],
          f"{r['samples_per_s_ours']:.2f} / {r['samples_per_s_llava']:.2f} QA samples/s, {r['samples']} questions on "
          f"{r['sample_images']} image(s); analytic {r['gflop_per_sample_ours']:.1f} vs "
