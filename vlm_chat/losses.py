@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "CONTRASTIVE_LOSSES",
+    "caption_keys",
+    "caption_positives",
     "clip_loss",
     "contrastive_accuracy",
     "dpo_loss",
@@ -43,31 +45,81 @@ def _check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor, min_batch: int
         raise ValueError(f"this loss needs at least {min_batch} pairs in the batch, got {image_emb.shape[0]}")
 
 
+def _positive_mask(positives: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """``[B, B]`` bool mask of matching (image, text) pairs; the diagonal when ``positives`` is None."""
+    if positives is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    if positives.shape != (n, n):
+        raise ValueError(f"positives must be [{n}, {n}] for a batch of {n} pairs, got {tuple(positives.shape)}")
+    if not bool(positives.diagonal().all()):
+        raise ValueError("positives must include the diagonal (every image matches its own caption)")
+    return positives.to(device=device, dtype=torch.bool)
+
+
+def caption_positives(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, B]`` mask of pairs whose captions are the same token sequence (``input_ids`` ``[B, L]``, padding ignored).
+
+    Small caption sets repeat captions ("A red circle." for hundreds of images); treating an identical caption of
+    another image as a negative asks the model to tell apart texts that are the same, which caps in-batch accuracy
+    and blurs the embedding (a false negative). Passing this mask makes them positives instead, as label-aware
+    contrastive losses do (UniCL, Yang et al., 2022).
+    """
+    keys = caption_keys(input_ids, attention_mask)
+    return keys[:, None] == keys[None, :]
+
+
+def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` int64 hash of each row's real tokens: equal captions get equal keys whatever their padding.
+
+    A polynomial hash with wrap-around int64 arithmetic; a fixed-size key can be all-gathered across processes
+    whose batches were padded to different lengths.
+    """
+    ids = input_ids.long()
+    powers = torch.full((ids.shape[1],), 1_000_003, dtype=torch.long, device=ids.device).cumprod(0)  # wraps
+    terms = (ids + 7) * powers  # [B, L]
+    if attention_mask is not None:
+        terms = terms * attention_mask.long()  # padding adds nothing, so the padded length does not matter
+    return terms.sum(1)
+
+
 def _cosine_similarities(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     image_emb = F.normalize(image_emb, dim=-1)
     text_emb = F.normalize(text_emb, dim=-1)
     return image_emb @ text_emb.t()  # [B_img, B_txt]; entry (i, j) = cos(image i, text j)
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al., 2021) with a learned temperature.
 
     Args:
         image_emb: ``[B, D]`` image embeddings.
         text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
         logit_scale: scalar tensor, the multiplier ``exp(t)`` applied to cosine similarities.
+        positives: optional ``[B, B]`` bool mask of matching pairs (default: the diagonal). With several
+            positives in a row the target distribution is uniform over them (see :func:`caption_positives`).
 
     Returns:
         Scalar loss: the mean of the image->text and text->image cross-entropies over the batch.
     """
     _check_pairs(image_emb, text_emb)
     logits = logit_scale * _cosine_similarities(image_emb, text_emb)  # [B, B]
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    if positives is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    mask = _positive_mask(positives, logits.shape[0], logits.device).to(logits.dtype)
+    i2t = F.cross_entropy(logits, mask / mask.sum(1, keepdim=True))
+    t2i = F.cross_entropy(logits.t(), mask.t() / mask.t().sum(1, keepdim=True))
+    return (i2t + t2i) / 2
 
 
 def siglip_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023), with learned temperature and bias.
 
@@ -80,17 +132,21 @@ def siglip_loss(
         text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
         logit_scale: scalar tensor, the multiplier ``exp(t')``.
         logit_bias: scalar tensor ``b`` added to every logit.
+        positives: optional ``[B, B]`` bool mask of pairs labelled +1 (default: the diagonal).
 
     Returns:
         Scalar loss ``-sum_ij log sigmoid(z_ij * (scale * cos_ij + b)) / B``.
     """
     _check_pairs(image_emb, text_emb)
     logits = logit_scale * _cosine_similarities(image_emb, text_emb) + logit_bias  # [B, B]
-    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 off
+    mask = _positive_mask(positives, logits.shape[0], logits.device)
+    labels = 2 * mask.to(logits.dtype) - 1  # +1 on matching pairs, -1 elsewhere
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def triplet_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+def triplet_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float = 0.2, positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """Hinge triplet loss with the hardest in-batch negative, in both directions (VSE++, Faghri et al., 2018).
 
     For each image the hardest negative is the most similar *other* caption; for each caption the most
@@ -100,38 +156,44 @@ def triplet_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float 
         image_emb: ``[B, D]`` image embeddings, ``B >= 2``.
         text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
         margin: required gap between the positive and the hardest negative similarity.
+        positives: optional ``[B, B]`` bool mask of matching pairs, never used as negatives (default: diagonal).
 
     Returns:
         Scalar loss: ``mean_i relu(m - s_ii + max_{j!=i} s_ij) + mean_j relu(m - s_jj + max_{i!=j} s_ij)``.
     """
     _check_pairs(image_emb, text_emb, min_batch=2)
     sims = _cosine_similarities(image_emb, text_emb)  # [B, B]
-    positives = sims.diagonal()  # [B]
+    matched = sims.diagonal()  # [B]
     # The positive itself must never be picked as the "hardest negative": push it below any cosine.
-    off_diagonal = sims.masked_fill(torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device), -torch.inf)
-    hardest_text_per_image = off_diagonal.max(dim=1).values  # [B]
-    hardest_image_per_text = off_diagonal.max(dim=0).values  # [B]
-    image_to_text = F.relu(margin - positives + hardest_text_per_image)
-    text_to_image = F.relu(margin - positives + hardest_image_per_text)
+    off_diagonal = sims.masked_fill(_positive_mask(positives, sims.shape[0], sims.device), -torch.inf)
+    # A row whose every entry is a positive has no negative: its hinge is 0 (clamp -inf to a cosine of -1 - margin).
+    hardest_text_per_image = off_diagonal.max(dim=1).values.clamp(min=-1.0 - margin)  # [B]
+    hardest_image_per_text = off_diagonal.max(dim=0).values.clamp(min=-1.0 - margin)  # [B]
+    image_to_text = F.relu(margin - matched + hardest_text_per_image)
+    text_to_image = F.relu(margin - matched + hardest_image_per_text)
     return image_to_text.mean() + text_to_image.mean()
 
 
 @torch.no_grad()
-def contrastive_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
-    """In-batch retrieval accuracy: how often the matching caption/image is the most similar one.
+def contrastive_accuracy(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, positives: torch.Tensor | None = None
+) -> dict[str, float]:
+    """In-batch retrieval accuracy: how often the most similar caption/image is a matching one.
 
     Args:
         image_emb: ``[B, D]`` image embeddings.
         text_emb: ``[B, D]`` text embeddings.
+        positives: optional ``[B, B]`` bool mask of matching pairs (default: the diagonal).
 
     Returns:
         ``{"acc_i2t": float, "acc_t2i": float}`` in ``[0, 1]``.
     """
     sims = _cosine_similarities(image_emb.float(), text_emb.float())  # [B, B]
-    targets = torch.arange(sims.shape[0], device=sims.device)
+    mask = _positive_mask(positives, sims.shape[0], sims.device)
+    rows = torch.arange(sims.shape[0], device=sims.device)
     return {
-        "acc_i2t": (sims.argmax(dim=1) == targets).float().mean().item(),
-        "acc_t2i": (sims.argmax(dim=0) == targets).float().mean().item(),
+        "acc_i2t": mask[rows, sims.argmax(dim=1)].float().mean().item(),
+        "acc_t2i": mask[sims.argmax(dim=0), rows].float().mean().item(),
     }
 
 

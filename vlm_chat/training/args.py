@@ -159,6 +159,9 @@ class CaptionDataArgs:
         default=None, metadata={"help": "Root that image paths are relative to; default: the JSONL's folder."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    image_cache_mb: int = field(
+        default=1024, metadata={"help": "Keep preprocessed images in memory up to this many MB (0: off)."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from accelerate.utils import set_seed
 from torch import nn
 
-from vlm_chat.losses import clip_loss, contrastive_accuracy, siglip_loss, triplet_loss
+from vlm_chat.losses import caption_keys, clip_loss, contrastive_accuracy, siglip_loss, triplet_loss
 from vlm_chat.training.args import CaptionDataArgs, ConfigError, TrainConfig, config_to_dict, parse_config, save_config
 from vlm_chat.training.engine import train
 
@@ -74,6 +74,10 @@ class ContrastiveArgs:
         default=None, metadata={"help": "clip | siglip | triplet; default: the model type's own loss."}
     )
     margin: float = field(default=0.2, metadata={"help": "triplet: cosine margin to the hardest negative."})
+    same_caption_positive: bool = field(
+        default=True,
+        metadata={"help": "Pairs whose captions are identical count as matches, not negatives (vlm_chat.losses)."},
+    )
     logit_scale_init: float | None = field(
         default=None, metadata={"help": "log of the initial logit scale; default log(1/0.07) clip, log(10) siglip."}
     )
@@ -315,23 +319,32 @@ def _gather(tensor: torch.Tensor) -> torch.Tensor:
 class ContrastiveLoss:
     """``loss_fn(model, batch) -> (loss, metrics)`` for the engine: the chosen loss on the global batch."""
 
-    def __init__(self, loss: str, margin: float = 0.2):
+    def __init__(self, loss: str, margin: float = 0.2, same_caption_positive: bool = False):
         if loss not in ("clip", "siglip", "triplet"):
             raise ValueError(f"unknown contrastive loss {loss!r}; valid: ['clip', 'siglip', 'triplet']")
         self.loss = loss
         self.margin = margin
+        self.same_caption_positive = same_caption_positive
 
     def __call__(self, model, batch):
         image_emb, text_emb, scale, bias = model(**batch)
         image_emb = _gather(image_emb.float())  # [B_global, D]
         text_emb = _gather(text_emb.float())  # [B_global, D]
+        positives = None
+        if self.same_caption_positive:
+            keys = caption_keys(batch["input_ids"], batch.get("attention_mask"))  # [B]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, keys)
+                keys = torch.cat(parts)  # [B_global]
+            positives = keys[:, None] == keys[None, :]  # [B_global, B_global]
         if self.loss == "clip":
-            loss = clip_loss(image_emb, text_emb, scale.float())
+            loss = clip_loss(image_emb, text_emb, scale.float(), positives)
         elif self.loss == "siglip":
-            loss = siglip_loss(image_emb, text_emb, scale.float(), bias.float())
+            loss = siglip_loss(image_emb, text_emb, scale.float(), bias.float(), positives)
         else:
-            loss = triplet_loss(image_emb, text_emb, self.margin)
-        metrics = {"logit_scale": scale.detach(), **contrastive_accuracy(image_emb, text_emb)}
+            loss = triplet_loss(image_emb, text_emb, self.margin, positives)
+        metrics = {"logit_scale": scale.detach(), **contrastive_accuracy(image_emb, text_emb, positives)}
         if bias is not None:
             metrics["logit_bias"] = bias.detach()
         return loss, metrics
@@ -344,26 +357,47 @@ class ContrastiveCollator:
         processor: the model's ``CLIPProcessor``/``SiglipProcessor``.
         model_type: ``clip`` pads to the longest caption, ``siglip`` to ``max_length`` (see module docstring).
         max_length: text positions of the model; longer captions are truncated (keeping ``<eos>``).
+        cache_mb: keep preprocessed images in memory up to this many MB, keyed by path. Stage 0 sees each image
+            many times and, with a small tower, decoding the PNG and running the image processor cost more than
+            the model step; there is no augmentation, so the tensor is the same every epoch.
     """
 
-    def __init__(self, processor, model_type: str, max_length: int):
+    def __init__(self, processor, model_type: str, max_length: int, cache_mb: int = 0):
         self.processor = processor
         self.padding = "max_length" if model_type == "siglip" else "longest"
         self.max_length = max_length
+        self.cache_bytes, self.cached_bytes = cache_mb * 2**20, 0
+        self.pixels: dict[str, torch.Tensor] = {}
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def _pixel_values(self, images: list) -> torch.Tensor:
         from vlm_chat.images import load_image
 
-        images = [load_image(row["image"]) for row in rows]
-        enc = self.processor(
-            text=[row["caption"] for row in rows],
-            images=images,
+        keys = [im if isinstance(im, str) and self.cache_bytes else None for im in images]
+        missing = [i for i, k in enumerate(keys) if k is None or k not in self.pixels]
+        if missing:
+            fresh = self.processor.image_processor(
+                images=[load_image(images[i]) for i in missing], return_tensors="pt"
+            )["pixel_values"]  # [n, 3, H, W]
+            computed = dict(zip(missing, fresh))
+            for i, pixels in computed.items():
+                size = pixels.numel() * pixels.element_size()
+                if keys[i] is not None and self.cached_bytes + size <= self.cache_bytes:
+                    self.pixels[keys[i]] = pixels
+                    self.cached_bytes += size
+        else:
+            computed = {}
+        return torch.stack([computed[i] if i in computed else self.pixels[k] for i, k in enumerate(keys)])
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        enc = self.processor.tokenizer(
+            [row["caption"] for row in rows],
             padding=self.padding,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
         )
-        return {k: enc[k] for k in ("pixel_values", "input_ids", "attention_mask") if k in enc}
+        batch = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+        return {"pixel_values": self._pixel_values([row["image"] for row in rows]), **batch}
 
 
 def _last_log_record(output_dir: Path) -> dict | None:
@@ -441,8 +475,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = train(
         wrapper,
         rows,
-        ContrastiveCollator(processor, model_type, max_length),
-        ContrastiveLoss(args.loss, args.margin),
+        ContrastiveCollator(processor, model_type, max_length, cache_mb=data_args.image_cache_mb),
+        ContrastiveLoss(args.loss, args.margin, args.same_caption_positive),
         cfg,
         on_save=on_save,
         gradient_checkpointing_fn=enable_gradient_checkpointing,
