@@ -1,7 +1,7 @@
 """Prompt building, image-token expansion and assistant-label masks from the chat template itself."""
 
 import pytest
-from transformers import CLIPImageProcessor
+from transformers import AutoTokenizer, CLIPImageProcessor
 
 from vlm_chat.prompting import IGNORE_INDEX, VLMProcessor
 
@@ -130,3 +130,23 @@ def test_pad_left_and_right(tokenizer_factory):
     assert left["attention_mask"][0, 0] == 0 and left["attention_mask"][0, -1] == 1
     assert right["attention_mask"][0, 0] == 1 and right["attention_mask"][0, -1] == 0
     assert left["input_ids"][0, -len(a.input_ids):].tolist() == a.input_ids
+
+
+def test_system_prompt_replaces_the_template_default_in_training_and_chat(tiny_smollm2_dir):
+    """SmolLM2's template inserts a 20-token default system turn; a configured system prompt replaces it everywhere."""
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_smollm2_dir)
+    default = VLMProcessor(tokenizer, None, "<image>", 4, 256)
+    empty = VLMProcessor(tokenizer, None, "<image>", 4, 256, system_prompt="")
+    conv = [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red"}]
+    assert "SmolLM" in default.render(conv, add_generation_prompt=False)
+    assert "SmolLM" not in empty.render(conv, add_generation_prompt=False)
+    a, b = default.encode_conversation(conv, 1), empty.encode_conversation(conv, 1)
+    assert len(b.input_ids) < len(a.input_ids) - 10
+    supervised = [t for t, label in zip(b.input_ids, b.labels) if label != -100]
+    assert tokenizer.decode(supervised) == "red<|im_end|>"
+    prompt = empty.encode_prompt("What color?", has_image=True)
+    assert prompt.input_ids == b.input_ids[: len(prompt.input_ids)]  # chat sees exactly the training prefix
+    # a conversation that brings its own system turn keeps it
+    own = [{"role": "system", "content": "Be terse."}, *conv]
+    assert "Be terse." in empty.render(own, add_generation_prompt=False)

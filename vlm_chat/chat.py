@@ -94,7 +94,9 @@ class VLMChat:
         if config.num_image_tokens and config.num_image_tokens != n_vis:
             raise ValueError(f"config says num_image_tokens={config.num_image_tokens} but the tower and mapper give {n_vis}")
         config.num_image_tokens = n_vis
-        processor = VLMProcessor(tokenizer, vision.image_processor, config.image_token, n_vis, lm_cfg.max_length)
+        processor = VLMProcessor(
+            tokenizer, vision.image_processor, config.image_token, n_vis, lm_cfg.max_length, config.system_prompt
+        )
         model = VLMModel(vision, mapper, lm, processor.image_token_id)
         if not lm_cfg.load_in_4bit:  # bitsandbytes places 4-bit weights itself
             model.to(device)
@@ -107,7 +109,8 @@ class VLMChat:
     @classmethod
     def from_components(cls, vision: str, lm: str, mapper: str = "mlp", *, feature_layer: int = -2,
                         mapper_config: dict[str, Any] | None = None, lm_config: dict[str, Any] | None = None,
-                        device: str | torch.device | None = None, seed: int = 0) -> VLMChat:
+                        device: str | torch.device | None = None, seed: int = 0,
+                        system_prompt: str | None = None) -> VLMChat:
         """Assemble an untrained VLM from a vision tower and an LLM.
 
         Args:
@@ -119,6 +122,8 @@ class VLMChat:
             lm_config: Extra :class:`~vlm_chat.config.LMConfig` fields (lora_r, load_in_4bit, dtype, max_length, ...).
             device: ``cpu``/``cuda``; default: CUDA if available.
             seed: Seed of the mapper's initialisation.
+            system_prompt: System turn of every conversation without one (training and chat); None: the chat
+                template's own default.
 
         Returns:
             The model with a fresh mapper and a fresh LoRA adapter (a no-op at init).
@@ -126,6 +131,7 @@ class VLMChat:
         from vlm_chat.config import from_dict
 
         config = VLMConfig(
+            system_prompt=system_prompt,
             vision=VisionConfig(name_or_path=str(vision), feature_layer=feature_layer),
             mapper=from_dict(MapperConfig, {"kind": mapper, **(mapper_config or {})}, "mapper_config"),
             lm=from_dict(LMConfig, {"name_or_path": str(lm), **(lm_config or {})}, "lm_config"),
@@ -220,7 +226,8 @@ class VLMChat:
                 config.lm.name_or_path, config.lm.use_lora = _LM_DIR, False
             elif hasattr(lm, "save_pretrained") and config.lm.use_lora:
                 # The image token's embedding rows are zeros rebuilt at load time, so no embedding layer is saved.
-                lm.save_pretrained(tmp / _ADAPTER_DIR, save_embedding_layers=False)
+                # Only the trained adapter: DPO holds a frozen reference copy under another name.
+                lm.save_pretrained(tmp / _ADAPTER_DIR, save_embedding_layers=False, selected_adapters=["default"])
             config.save(tmp / "config.json")
             (tmp / "README.md").write_text(card or self._default_card(config))
         logger.info("saved %s to %s", "merged model" if merge else "checkpoint", path)

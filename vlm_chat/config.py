@@ -93,6 +93,8 @@ class VLMConfig:
     mapper: MapperConfig = field(default_factory=MapperConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     image_token: str = "<image>"
+    #: System turn for conversations without one, in training and chat alike; None: the chat template's default.
+    system_prompt: str | None = None
     #: Visual tokens per image; derived from the tower and mapper when the model is built.
     num_image_tokens: int = 0
     format_version: int = FORMAT_VERSION

@@ -44,10 +44,14 @@ class VLMProcessor:
         image_token: The placeholder string (``<image>``).
         num_image_tokens: Visual tokens each image becomes.
         max_length: Longest sequence, visual tokens included.
+        system_prompt: System turn put before every conversation that has none; None leaves it to the template
+            (SmolLM2's inserts a 20-token default, Llama-3's none).
     """
 
-    def __init__(self, tokenizer, image_processor, image_token: str, num_image_tokens: int, max_length: int):
+    def __init__(self, tokenizer, image_processor, image_token: str, num_image_tokens: int, max_length: int,
+                 system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
         self.image_processor = image_processor
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -97,6 +101,8 @@ class VLMProcessor:
         return {"role": turn["role"], "content": self.content_text(turn["content"])}
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if self.system_prompt is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
