@@ -32,7 +32,8 @@ def _losses(result):
 
 def test_pretrain_instruct_dpo_chain(tmp_path, shapes_dir, tiny_clip_dir, tiny_smollm2_dir):
     pre = run("pretrain", _common(tmp_path / "pre", vision=tiny_clip_dir, lm=tiny_smollm2_dir, max_steps=8,
-                                  train_file=shapes_dir / "captions.jsonl", mapper_lr=3e-3, lora_r=4))
+                                  train_file=shapes_dir / "captions.jsonl", mapper_lr=3e-3, lora_r=4,
+                                  lora_dropout=0.0))
     assert _losses(pre)[-1] < _losses(pre)[0]
     stage1 = VLMChat.from_pretrained(pre["final_dir"])
     # Stage 1 trains the mapper only: LoRA B is still all zeros.
@@ -49,8 +50,11 @@ def test_pretrain_instruct_dpo_chain(tmp_path, shapes_dir, tiny_clip_dir, tiny_s
     dpo = run("dpo", _common(tmp_path / "dpo", init_from=ins["final_dir"], max_steps=6, train_mapper="false",
                              train_file=shapes_dir / "preferences.jsonl", lora_lr=3e-3, beta=0.5))
     losses = _losses(dpo)
+    # The reference is a frozen copy of the instruct adapter: at step 1 policy == reference, so the loss is ln 2.
+    assert losses[0] == pytest.approx(0.693147, abs=1e-5)
     assert losses[-1] < losses[0]
     assert dpo["history"][-1]["reward_accuracy"] > 0.5
+    assert not (tmp_path / "dpo" / "final" / "adapter" / "reference").exists()  # only the trained adapter is saved
     stage3 = VLMChat.from_pretrained(dpo["final_dir"])
     torch.testing.assert_close(stage3.model.mapper.proj[0].weight, stage2.model.mapper.proj[0].weight, rtol=0, atol=0)
     assert stage3.generate(shapes_dir / "images" / "shapes_3_0.png", "What shapes are there?", max_new_tokens=4)

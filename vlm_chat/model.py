@@ -63,16 +63,21 @@ class VLMModel(nn.Module):
         """
         self.vision.requires_grad_(False)
         self.mapper.requires_grad_(mapper)
-        for name, p in self.lm.named_parameters():
-            p.requires_grad_(lora and "lora_" in name)
+        trained = {id(p) for p in self.lora_parameters()}
+        for p in self.lm.parameters():
+            p.requires_grad_(lora and id(p) in trained)
         counts = {
             "vision (frozen)": sum(p.numel() for p in self.vision.parameters()),
             "mapper" + ("" if mapper else " (frozen)"): sum(p.numel() for p in self.mapper.parameters()),
-            "lora" + ("" if lora else " (frozen)"): sum(p.numel() for n, p in self.lm.named_parameters() if "lora_" in n),
+            "lora" + ("" if lora else " (frozen)"): sum(p.numel() for p in self.lora_parameters()),
             "lm base (frozen)": sum(p.numel() for n, p in self.lm.named_parameters() if "lora_" not in n),
         }
         logger.info("trainable setup: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
         return counts
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The weights of the trained LoRA adapter (PEFT's ``default``; a frozen DPO reference copy is not one)."""
+        return [p for n, p in self.lm.named_parameters() if "lora_" in n and ".default." in n]
 
     def encode_images(self, pixel_values: torch.Tensor | None = None,
                       image_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -52,12 +53,16 @@ class ModelArgs:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base weights (bitsandbytes)."})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (model weights)."})
     max_length: int = field(default=512, metadata={"help": "Longest training sequence, visual tokens included."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System turn of every conversation (default: the chat template's own)."}
+    )
 
     def vlm_config(self) -> VLMConfig:
         if not (self.vision and self.lm):
             raise ValueError("set init_from, or both vision and lm")
         targets = self.lora_target_modules
         return VLMConfig(
+            system_prompt=self.system_prompt,
             vision=VisionConfig(name_or_path=self.vision, feature_layer=self.feature_layer),
             mapper=MapperConfig(
                 kind=self.mapper,
@@ -99,6 +104,13 @@ class StageArgs:
     lora_lr: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA weights."})
     train_mapper: bool = field(default=True, metadata={"help": "Train the mapper (dpo: off by default in configs)."})
     beta: float = field(default=0.1, metadata={"help": "dpo: strength of the implicit KL penalty."})
+    dpo_reference: str = field(
+        default="init",
+        metadata={
+            "help": "dpo reference model: 'init' = the init_from checkpoint's adapter, frozen (the SFT model, as in "
+            "the DPO paper); 'base' = the LLM with adapters disabled."
+        },
+    )
     cache_vision_features: bool = field(
         default=True, metadata={"help": "Run the frozen tower once per image and reuse its features across epochs."}
     )
@@ -183,18 +195,6 @@ def _loss_fn(stage: str, beta: float):
         def lm_loss(model, batch):
             out = model(**batch)
             loss = out.loss
-            import os as _os
-
-            if _os.environ.get("VLM_DEBUG"):
-                print(
-                    "DBG",
-                    _os.environ.get("RANK"),
-                    torch.distributed.is_initialized(),
-                    batch["input_ids"].sum(1).tolist(),
-                    out.loss_sum.item(),
-                    out.num_tokens.item(),
-                    flush=True,
-                )
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 # DDP averages gradients over processes; normalising each process's summed loss by the *global*
                 # token count makes that average equal to one process's token mean over the whole batch.
@@ -209,13 +209,46 @@ def _loss_fn(stage: str, beta: float):
     def dpo(model, batch):
         out = model(**batch)
         n = out.logps.shape[0] // 2
-        with torch.no_grad(), extract_model_from_parallel(model).lm.disable_adapter():
-            ref = model(**batch).logps  # the reference is the same weights without the adapter: no second copy
+        lm = extract_model_from_parallel(model).lm
+        # The reference shares the base weights: a frozen copy of the starting adapter, or no adapter at all.
+        reference = _active_adapter(lm, REFERENCE_ADAPTER) if REFERENCE_ADAPTER in lm.peft_config else lm.disable_adapter()
+        training = model.training
+        model.eval()  # the reference is deterministic: no LoRA dropout in its pass
+        try:
+            with torch.no_grad(), reference:
+                ref = model(**batch).logps
+        finally:
+            model.train(training)
         loss, chosen_r, rejected_r = dpo_loss(out.logps[:n], out.logps[n:], ref[:n], ref[n:], beta)
         margin = chosen_r - rejected_r
         return loss, {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
 
     return dpo
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+@contextlib.contextmanager
+def _active_adapter(lm, name: str):
+    """Run with adapter ``name`` active, then switch back to the trained one (``default``)."""
+    lm.set_adapter(name)
+    try:
+        yield
+    finally:
+        lm.set_adapter("default")  # PEFT's set_adapter also restores requires_grad on the trained adapter only
+
+
+def _add_reference_adapter(chat: VLMChat, init_from: str) -> None:
+    """Load the starting checkpoint's adapter a second time, frozen, as the DPO reference (TRL's ref_adapter_name).
+
+    Disabling the adapter instead would make the reference the LLM *before* instruction tuning, so the implicit KL
+    term would pull the policy back towards a model that never saw the visual instruction data.
+    """
+    adapter = Path(init_from) / "adapter"
+    chat.model.lm.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    chat.model.lm.set_adapter("default")
+    logger.info("dpo: reference = frozen copy of %s", adapter)
 
 
 def load_rows(stage: str, data: DataArgs, skip_bad_rows: bool):
@@ -259,6 +292,10 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     mapper = stage != "dpo" or stage_args.train_mapper
     if lora and not chat.config.lm.use_lora:
         raise ValueError(f"stage {stage} trains LoRA but the model has no adapter (lm.use_lora is false)")
+    if stage_args.dpo_reference not in ("init", "base"):
+        raise ValueError(f"dpo_reference must be 'init' or 'base', got {stage_args.dpo_reference!r}")
+    if stage == "dpo" and stage_args.dpo_reference == "init" and model_args.init_from:
+        _add_reference_adapter(chat, model_args.init_from)
     chat.model.configure_trainable(mapper=mapper, lora=lora)
     groups = []
     if mapper:
@@ -269,7 +306,7 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         groups.append(
             {
                 "name": "lora",
-                "params": [p for n, p in chat.model.lm.named_parameters() if "lora_" in n],
+                "params": chat.model.lora_parameters(),
                 "lr": stage_args.lora_lr,
             }
         )
