@@ -233,3 +233,46 @@ def test_eval_bad_file_names_file_and_line(capsys, tiny_vlm_dir, eval_files):
     code, _, err = _run(capsys, "eval", "vqa", "--model", tiny_vlm_dir, "--data", str(eval_files / "bad.jsonl"))
     assert code == 2
     assert "bad.jsonl, line 1: missing field(s) ['answer']" in err
+
+
+def test_eval_vqa_full_and_paraphrase_sets(capsys, tiny_vlm_dir, tmp_path):
+    from vlm_chat import easyvqa
+
+    out_file = tmp_path / "p.json"
+    code, out, err = _run(capsys, "eval", "vqa", "--model", tiny_vlm_dir, "--paraphrase", "--limit", "4",
+                          "--max-new-tokens", "2", "--output", str(out_file))
+    assert code == 0, err
+    questions = [p["question"] for p in json.loads(out_file.read_text())["predictions"]]
+    asked = {q.question for q in easyvqa.load_split("test")}
+    assert len(questions) == 4 and not set(questions) & asked  # phrasings easy-VQA never uses
+    code, out, err = _run(capsys, "eval", "vqa", "--model", tiny_vlm_dir, "--full", "--limit", "2", "--max-new-tokens", "1")
+    assert code == 0, err
+    assert json.loads(out)["n"] == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "vqa", "--full", "--paraphrase"])
+
+
+def test_paraphrase_questions_are_balanced_and_answered_from_labels():
+    from vlm_chat import easyvqa
+
+    qs = easyvqa.paraphrase_questions(50, seed=1)
+    assert len(qs) == 200 and qs == easyvqa.paraphrase_questions(50, seed=1)
+    labels = dict(easyvqa.labelled_images("test"))
+    for q in qs:
+        color, shape = labels[q.image].split()
+        if q.answer_type == "color":
+            assert q.answer == color
+        elif q.answer_type == "shape":
+            assert q.answer == shape
+    yes_no = [q.answer for q in qs if q.answer_type == "yes/no"]
+    assert yes_no.count("yes") == yes_no.count("no") == 50
+
+
+def test_eval_encoder_zero_shot_and_retrieval(capsys, tiny_clip_dir):
+    code, out, err = _run(capsys, "eval", "encoder", "--model", str(tiny_clip_dir), "--limit", "20", "--scenes", "5")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["zero_shot_n"] == 20 and 0 <= result["zero_shot_accuracy"] <= 1
+    assert result["retrieval_n_images"] == 5 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= 1
+    code, out, err = _run(capsys, "eval", "encoder", "--model", str(tiny_clip_dir / "nope"))
+    assert code != 0 and "nope" in err

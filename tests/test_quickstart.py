@@ -29,3 +29,23 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     for stage in ("contrastive", "pretrain", "instruct", "dpo"):
         rows = [json.loads(x) for x in (out / stage / "train_log.jsonl").read_text().splitlines()]
         assert rows[-1]["loss"] < rows[0]["loss"], stage
+    # The run is packaged the way the demo model is: fp16 adapter + mapper, the whole CLIPModel as vision/.
+    shipped = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "ship_demo.py"), "--run", str(out), "--out", str(shipped)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["stage0"]["zero_shot_n"] > 0 and 0 <= summary["stage0"]["zero_shot_accuracy"] <= 1
+    demo = VLMChat.from_pretrained(shipped)
+    assert demo.config.lm.name_or_path == chat.config.lm.name_or_path and demo.config.system_prompt == ""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    assert all(v.dtype == torch.float16 for v in load_file(shipped / "adapter" / "adapter_model.safetensors").values())
+    CLIPModel.from_pretrained(shipped / "vision")  # the dual encoder, for `vlm-chat eval encoder`
+    batch = chat._inputs([red_circle], ["What color is the shape?"], [None], reserve=0)
+    with torch.no_grad():
+        a = chat.model(**batch).logits
+        b = demo.model(**demo._inputs([red_circle], ["What color is the shape?"], [None], reserve=0)).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-2)  # fp16 storage of the trained weights only
+    assert "Reproduce" in (shipped / "README.md").read_text()

@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 
 #: Directory of the shipped demo model (mapper, adapter, tokenizer, processor and its own small vision tower).
 DEMO_MODEL = str(Path(__file__).resolve().parent / "demo_model")
+#: The demo's vision tower is its whole stage-0 dual encoder (a CLIPModel directory: vision + text towers, tokenizer,
+#: processor); the VLM reads its vision half, zero-shot and retrieval checks (``vlm-chat eval encoder``) read both.
+DEMO_ENCODER = str(Path(DEMO_MODEL) / "vision")
 
 
 def __getattr__(name):
@@ -22,4 +25,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'vlm_chat' has no attribute {name!r}")
 
 
-__all__ = ["DEMO_MODEL", "VLMChat", "__version__"]
+__all__ = ["DEMO_ENCODER", "DEMO_MODEL", "VLMChat", "__version__"]

@@ -237,7 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
         "every prediction. Without --data: vqa uses easy-VQA's fixed 1,000-question test subset, pope and captions "
         f"use unseen shapes-world scenes (seed {SHAPES_EVAL_SEED}).",
     )
-    ev.add_argument("task", choices=("vqa", "pope", "captions"), help="what to evaluate")
+    ev.add_argument(
+        "task",
+        choices=("vqa", "pope", "captions", "encoder"),
+        help="what to evaluate; encoder: a stage-0 CLIP/SigLIP (zero-shot on easy-VQA's 24 classes, retrieval)",
+    )
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument(
+        "--full", action="store_true", help="vqa: all 9,673 questions of easy-VQA's test split, not the 1,000 subset"
+    )
+    which.add_argument(
+        "--paraphrase",
+        action="store_true",
+        help="vqa: 400 questions about 100 easy-VQA test images in phrasings easy-VQA never uses",
+    )
     ev.add_argument(
         "--data",
         metavar="FILE",
@@ -271,7 +284,10 @@ def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
                 refs.setdefault(row["image"], []).append(row["caption"])
             rows = [{"image": image, "references": r} for image, r in refs.items()]
     elif args.task == "vqa":
-        rows = easyvqa.quick_eval_subset()
+        if args.paraphrase:
+            rows = easyvqa.paraphrase_questions()
+        else:
+            rows = easyvqa.load_split("test") if args.full else easyvqa.quick_eval_subset()
         extra["vocabulary"] = easyvqa.answer_vocabulary()  # so a colour answered to a yes/no question is judged
     else:
         scenes = shapes.generate_scenes(args.scenes, seed=SHAPES_EVAL_SEED)
@@ -293,6 +309,8 @@ def _run_eval(args: argparse.Namespace, gen: dict[str, Any]) -> int:
 
     from vlm_chat import evaluation
 
+    if args.task == "encoder":
+        return _run_eval_encoder(args)
     samples, extra = _eval_samples(args)
     chat = load_model(args.model)
     kwargs = {"batch_size": args.batch_size, **extra}
@@ -311,6 +329,32 @@ def _run_eval(args: argparse.Namespace, gen: dict[str, Any]) -> int:
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         logger.info("wrote %s", out)
     print(json.dumps({k: v for k, v in result.items() if k not in _PER_SAMPLE_KEYS}, indent=2))
+    return 0
+
+
+def _run_eval_encoder(args: argparse.Namespace) -> int:
+    """Zero-shot classification on easy-VQA test images and image<->text retrieval on unseen shapes-world scenes."""
+    import json
+
+    from vlm_chat import easyvqa, evaluation, shapes
+
+    path = Path(args.model or vlm_chat.DEMO_ENCODER)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a CLIP/SigLIP directory (no config.json); pass --model DIR of a stage-0 run")
+    classes = easyvqa.labelled_images("test")[: args.limit]
+    scenes = shapes.generate_scenes(args.scenes, seed=SHAPES_EVAL_SEED)
+    captions = [(scene.render(), shapes.reference_captions(scene)[0]) for scene in scenes]
+    result = evaluation.evaluate_encoder(
+        str(path),
+        class_items=classes,
+        class_names=easyvqa.CLASS_NAMES,
+        class_template=easyvqa.ZERO_SHOT_TEMPLATE,
+        caption_items=captions,
+    )
+    result = {"task": "encoder", "model": str(path), "class_template": easyvqa.ZERO_SHOT_TEMPLATE, **result}
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0
 
 

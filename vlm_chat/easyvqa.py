@@ -195,6 +195,8 @@ def derived_captions(samples: Iterable[VQASample]) -> dict[int, str]:
 
 #: easy-VQA's 24 colour x shape classes ("red circle", ...), for zero-shot classification of a stage-0 encoder.
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
+#: Zero-shot prompt of a class: the form of the captions stage 0 is trained on (:func:`derived_caption`).
+ZERO_SHOT_TEMPLATE = "A {}."
 
 
 def labelled_images(split: str) -> list[tuple[str, str]]:
@@ -289,3 +291,66 @@ def write_easyvqa(
     if split == "test":
         logger.warning("writing the easy-VQA TEST split: use it for evaluation only, never for training")
     return write_records(out_dir, build_records(split, max_turns=max_turns, shuffle_seed=shuffle_seed))
+
+
+# Questions in phrasings easy-VQA never uses (its 24 templates are all lowercase "what color is the shape?",
+# "is there a red shape in the image?", "does the image not contain a circle?", ...): British spelling, other
+# nouns for the shape ("object", "figure", "thing"), imperatives, polite requests. {c}/{s}: a colour/shape word.
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "color": (
+        "Which colour is the object in this picture?",
+        "Tell me the color of the figure.",
+        "What's the hue of the thing drawn here?",
+        "Name the colour you see.",
+        "Can you tell me what colour the shape is painted?",
+        "The figure in the picture: what color would you call it?",
+    ),
+    "shape": (
+        "Which geometric figure is drawn here?",
+        "Name the shape in the picture.",
+        "What kind of figure do you see?",
+        "Is the object a circle, a rectangle or a triangle?",
+        "What type of shape is shown in this picture?",
+        "Describe the form of the object in one word.",
+    ),
+    "yes_color": (
+        "Can you see a {c} object?",
+        "Is the figure {c}?",
+        "Would you say the object is {c}?",
+    ),
+    "yes_shape": (
+        "Do you see a {s} anywhere?",
+        "Is the drawn object a {s}?",
+        "Is the figure in this picture shaped like a {s}?",
+    ),
+}
+
+
+def paraphrase_questions(n_images: int = 100, seed: int = 0, split: str = "test") -> list[VQASample]:
+    """Questions about ``split`` images in phrasings easy-VQA never uses, with answers from the images' labels.
+
+    Each of ``n_images`` seeded images whose colour and shape are known gets one colour, one shape and two yes/no
+    questions (one true, one false; one about its colour, one about its shape), each from a random template of
+    :data:`PARAPHRASES`: ``4 * n_images`` samples, a third of them colour/shape answers and half the yes/no ones "no".
+    """
+    rng = random.Random(seed)
+    images = labelled_images(split)
+    if not 0 < n_images <= len(images):
+        raise ValueError(f"n_images must be in 1..{len(images)}, got {n_images}")
+    out = []
+    ids = {path: image_id for image_id, path in image_paths(split).items()}
+    for path, label in rng.sample(images, n_images):
+        color, shape = label.split()
+        image_id = ids.get(path, -1)
+
+        def add(question: str, answer: str, path=path, image_id=image_id) -> None:
+            out.append(VQASample(path, question, answer, image_id, answer_type(answer)))
+
+        add(rng.choice(PARAPHRASES["color"]), color)
+        add(rng.choice(PARAPHRASES["shape"]), shape)
+        truth = rng.random() < 0.5  # which of the two yes/no questions is the true one
+        other_color = rng.choice([c for c in COLORS if c != color])
+        other_shape = rng.choice([s for s in SHAPES if s != shape])
+        add(rng.choice(PARAPHRASES["yes_color"]).format(c=color if truth else other_color), "yes" if truth else "no")
+        add(rng.choice(PARAPHRASES["yes_shape"]).format(s=other_shape if truth else shape), "no" if truth else "yes")
+    return out

