@@ -114,6 +114,9 @@ class TrainConfig:
     resume: str | None = field(default=None, metadata={"help": "Checkpoint dir, or 'latest' in output_dir."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad data rows instead of failing."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch samples of similar length together (less padding; exact resume kept)."}
+    )
     report_to: Literal["tensorboard", "none"] = field(
         default="tensorboard", metadata={"help": "Where metrics go besides the log file."}
     )

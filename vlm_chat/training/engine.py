@@ -129,16 +129,29 @@ class EpochSampler(Sampler[int]):
     multi-process runs are equivalent to one large batch, and an epoch boundary never splits a step.
     The few samples left over differ from epoch to epoch (the permutation changes).
 
+    With ``lengths`` (and ``group`` > 1), samples of similar length share a batch, as transformers'
+    ``group_by_length``: the shuffled order is cut into windows of ``group`` optimizer steps, each window is
+    sorted by length and cut into steps, and the steps are shuffled again. Padding (wasted compute) drops while
+    the order still depends only on ``(seed, epoch)``, so resuming stays exact. (transformers'
+    ``LengthGroupedSampler`` does not cut epochs to whole steps, which the exact-resume guarantee relies on.)
+
     Args:
         num_samples: dataset length.
         seed: data-order seed.
         multiple: epoch length is rounded down to a multiple of this.
+        lengths: optional length (any monotone proxy, e.g. characters) of every sample.
+        group: optimizer steps per length-sorting window.
     """
 
-    def __init__(self, num_samples: int, seed: int, multiple: int = 1):
+    def __init__(self, num_samples: int, seed: int, multiple: int = 1, lengths: Sequence[int] | None = None,
+                 group: int = 32):
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
         self.num_samples = num_samples
         self.seed = seed
         self.multiple = multiple
+        self.lengths = lengths
+        self.group = group
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -149,7 +162,17 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5EED))
-        yield from torch.randperm(self.num_samples, generator=generator)[: len(self)].tolist()
+        order = torch.randperm(self.num_samples, generator=generator)[: len(self)].tolist()
+        if self.lengths is None or self.group <= 1:
+            yield from order
+            return
+        steps = []
+        window = self.multiple * self.group
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: -self.lengths[i])
+            steps += [chunk[i : i + self.multiple] for i in range(0, len(chunk), self.multiple)]
+        for k in torch.randperm(len(steps), generator=generator).tolist():
+            yield from steps[k]
 
 
 def _mix(*parts: int) -> int:
@@ -270,6 +293,7 @@ def train(
     eval_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
     on_save: Callable[[Path], None] | None = None,
     gradient_checkpointing_fn: Callable[[torch.nn.Module], None] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_fn`` on ``train_dataset`` following ``cfg``.
 
@@ -292,6 +316,7 @@ def train(
             ``output_dir/final`` after the last step. Called on the main process only.
         gradient_checkpointing_fn: enables gradient checkpointing on ``model`` when
             ``cfg.gradient_checkpointing``; default ``model.gradient_checkpointing_enable()``.
+        lengths: a length proxy per sample; with ``cfg.group_by_length`` batches hold samples of similar length.
 
     Returns:
         ``{"global_step", "max_steps", "history" (one dict per step run in this call), "last_checkpoint",
@@ -333,7 +358,7 @@ def train(
             )
         return _train(
             accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save,
-            gradient_checkpointing_fn,
+            gradient_checkpointing_fn, lengths,
         )  # fmt: skip
     finally:
         accelerator.end_training()
@@ -347,7 +372,8 @@ def train(
         torch.use_deterministic_algorithms(previous_determinism[0], warn_only=previous_determinism[1])
 
 
-def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save, gc_fn):
+def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save, gc_fn,
+           lengths=None):
     output_dir = Path(cfg.output_dir)
     checkpoint_root = output_dir / "checkpoints"
     is_main = accelerator.is_main_process
@@ -375,7 +401,10 @@ def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_gr
         (gc_fn or _default_gradient_checkpointing)(model)
     optimizer = _build_optimizer(model, param_groups, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
-    sampler = EpochSampler(len(train_dataset), cfg.seed, samples_per_step)
+    if cfg.group_by_length and lengths is None:
+        raise ValueError("group_by_length needs the samples' lengths; this stage does not provide them")
+    grouped = lengths if cfg.group_by_length else None
+    sampler = EpochSampler(len(train_dataset), cfg.seed, samples_per_step, lengths=grouped)
     loader = DataLoader(
         train_dataset,
         batch_size=cfg.per_device_batch_size,

@@ -229,6 +229,15 @@ def _loss_fn(stage: str, beta: float):
 REFERENCE_ADAPTER = "reference"
 
 
+def _text_length(stage: str, row: dict) -> int:
+    """Characters of text in a sample: the length proxy for ``group_by_length`` (visual tokens are the same for all)."""
+    if stage == "pretrain":
+        return len(row["caption"])
+    if stage == "dpo":
+        return len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"]))
+    return sum(len(m["content"]) if isinstance(m["content"], str) else len(str(m["content"])) for m in row["messages"])
+
+
 @contextlib.contextmanager
 def _active_adapter(lm, name: str):
     """Run with adapter ``name`` active, then switch back to the trained one (``default``)."""
@@ -329,6 +338,7 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         param_groups=groups,
         on_save=on_save,
         gradient_checkpointing_fn=_gradient_checkpointing,
+        lengths=[_text_length(stage, row) for row in rows] if cfg.group_by_length else None,
     )
 
 
