@@ -115,7 +115,8 @@ def card(run: Path, out: Path) -> str:
         "## Reproduce",
         "",
         "```bash",
-        f"python train/quickstart.py --scale {summary.get('scale', '?')} --output {run}   # "
+        f"python train/quickstart.py --scale {summary.get('scale', '?')} --stage0-scale "
+        f"{summary.get('stage0_scale', '?')} --output {run}   # "
         f"{seconds.get('total', float('nan')) / 60:.0f} min here",
         f"python train/ship_demo.py --run {run} --out {out}",
         f"vlm-chat eval vqa --full --model {out} --output {ev}/vqa_full.json",
