@@ -42,6 +42,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -512,6 +513,7 @@ def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_gr
             micro = 0
             step_losses: list[float] = []
             step_metrics: list[Mapping[str, Any]] = []
+            step_start = time.perf_counter()
             for batch in epoch_loader:
                 set_seed(_mix(cfg.seed, global_step, micro, rank))
                 with accelerator.accumulate(model):
@@ -540,6 +542,8 @@ def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_gr
                 record = _step_record(accelerator, global_step, steps_per_epoch, step_losses, step_metrics, grad_norm)
                 for name, lr in zip(group_names, scheduler.get_last_lr()):
                     record.setdefault(f"lr/{name.split('/')[0]}", lr)
+                record["step_seconds"] = time.perf_counter() - step_start  # data loading + forward/backward + update
+                step_start = time.perf_counter()
                 history.append(record)
                 window.append(record)
                 micro, step_losses, step_metrics = 0, [], []
