@@ -207,7 +207,10 @@ def test_rejected_answers_are_really_wrong(scenes):
                 assert p["chosen"] == obj.color and p["rejected"] in sw.COLORS and p["rejected"] != obj.color
             elif p["kind"] == "count":
                 assert p["chosen"] == str(len(scene.objects)) and p["rejected"] != p["chosen"]
-    assert kinds == {"caption_absent", "caption_attribute", "exists", "color", "count"}
+            elif p["kind"] == "exists_present":
+                color, shape = re.search(r"Is there an? (\w+) (\w+) in the image\?", p["prompt"]).groups()
+                assert scene.has(color, shape) and (p["chosen"], p["rejected"]) == ("yes", "no")
+    assert kinds == {"caption_absent", "caption_attribute", "exists", "color", "count", "exists_present"}
 
 
 def test_pope_negatives_are_absent_and_balanced(scenes):

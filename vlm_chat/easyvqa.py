@@ -354,3 +354,26 @@ def paraphrase_questions(n_images: int = 100, seed: int = 0, split: str = "test"
         add(rng.choice(PARAPHRASES["yes_color"]).format(c=color if truth else other_color), "yes" if truth else "no")
         add(rng.choice(PARAPHRASES["yes_shape"]).format(s=other_shape if truth else shape), "no" if truth else "yes")
     return out
+
+
+def preference_pairs(split: str = "train", per_image: int = 1, seed: int = 0) -> list[dict[str, str]]:
+    """DPO pairs from easy-VQA questions: chosen = the answer, rejected = a wrong answer of the same type.
+
+    Mixed into the DPO data so that preference tuning on shapes-world hallucination pairs (mostly "no" to absent
+    objects) does not teach the model to deny everything on easy-VQA's yes/no questions.
+
+    Returns:
+        ``[{"image", "prompt", "chosen", "rejected", "image_id"}, ...]``, ``per_image`` per image (seeded choice of
+        questions); ``image`` is the package's PNG path, ``image_id`` easy-VQA's id.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for qs in group_by_image(load_split(split)).values():
+        for q in rng.sample(qs, min(per_image, len(qs))):
+            kind = q.answer_type
+            options = ["yes", "no"] if kind == "yes/no" else list(COLORS if kind == "color" else SHAPES)
+            wrong = rng.choice([a for a in options if a != q.answer])
+            pairs.append(
+                {"image": q.image, "prompt": q.question, "chosen": q.answer, "rejected": wrong, "image_id": q.image_id}
+            )
+    return pairs

@@ -465,7 +465,8 @@ def preference_pairs(scene: Scene, rng: random.Random | None = None) -> list[dic
     Kinds (in ``"kind"``): ``caption_absent`` (the caption with one object swapped for an absent one),
     ``caption_attribute`` (one object's colour or shape changed to one no object of that kind has),
     ``exists`` (asked about an absent object: chosen "no", rejected "yes"), ``color`` (the wrong colour for a
-    named object) and ``count`` (a wrong count).
+    named object), ``count`` (a wrong count) and ``exists_present`` (asked about a present object: chosen "yes",
+    rejected "no").
 
     Args:
         scene: The scene.
@@ -532,6 +533,17 @@ def preference_pairs(scene: Scene, rng: random.Random | None = None) -> list[dic
             "chosen": str(len(objs)),
             "rejected": str(wrong_count),
             "kind": "count",
+        }
+    )
+    # The other half of existence: a present object denied is as wrong as an absent one affirmed. Without these pairs
+    # DPO only ever prefers "no" and learns to deny everything (POPE yes-ratio -> 0).
+    present = rng.choice(objs)
+    pairs.append(
+        {
+            "prompt": f"Is there {_article(f'{present.color} {present.shape}')} in the image?",
+            "chosen": "yes",
+            "rejected": "no",
+            "kind": "exists_present",
         }
     )
     return pairs

@@ -43,7 +43,7 @@ FULL = {
     "pretrain": {},
     "instruct": {},
     "dpo": {},
-    "eval": {"vqa_questions": 1000, "pope_questions": 300, "captions": 100, "image_size": 64, "zero_shot_images": None},
+    "eval": {"vqa_questions": 1000, "pope_questions": 200, "captions": 50, "image_size": 64, "zero_shot_images": None},
 }
 
 
@@ -112,6 +112,15 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
             easyvqa.write_easyvqa(ev_dir, "train", shuffle_seed=0)
         paths["captions"].append(ev_dir / "captions.jsonl")
         paths["conversations"].append(ev_dir / "conversations.json")
+        prefs = ev_dir / "preferences.jsonl"
+        if not prefs.is_file():
+            rows = []
+            for r in easyvqa.preference_pairs("train", per_image=1, seed=0):
+                # the copy write_easyvqa made (data readers refuse paths outside the data folder)
+                r["image"] = f"images/easyvqa_train_{r.pop('image_id')}.png"
+                rows.append(r)
+            prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths["preferences"].append(prefs)
     return paths
 
 
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = prepare_data(out, mode["data"])
     captions = _merge_jsonl(data["captions"], out / "data" / "captions.jsonl")
     conversations = _merge_jsonl(data["conversations"], out / "data" / "conversations.jsonl")
+    preferences = _merge_jsonl(data["preferences"], out / "data" / "preferences.jsonl")
     timings["data"] = time.perf_counter() - t0
 
     common = {"seed": args.seed}
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inputs = {
         "pretrain": {"vision": run_dirs["contrastive"] / "final", **({"lm": lm} if lm else {}), "train_file": captions},
         "instruct": {"init_from": run_dirs["pretrain"] / "final", "train_file": conversations},
-        "dpo": {"init_from": run_dirs["instruct"] / "final", "train_file": data["preferences"][0]},
+        "dpo": {"init_from": run_dirs["instruct"] / "final", "train_file": preferences},
     }
     for stage in ("pretrain", "instruct", "dpo"):
         t = time.perf_counter()
