@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=1.0,
         help="Multiply every stage's steps by this (the demo model: --scale 4); the 15-minute budget is for 1.",
     )
+    parser.add_argument("--data-only", action="store_true", help="Write the training/eval data and stop.")
     parser.add_argument(
         "--stage0-scale", type=float, default=None, help="Multiply stage 0's steps by this instead (default: --scale)."
     )
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     conversations = _merge_jsonl(data["conversations"], out / "data" / "conversations.jsonl")
     preferences = _merge_jsonl(data["preferences"], out / "data" / "preferences.jsonl")
     timings["data"] = time.perf_counter() - t0
+    if args.data_only:
+        print(f"data written to {out / 'data'}")
+        return {"data": str(out / "data")}
 
     common = {"seed": args.seed}
     run_dirs = {s: out / s for s in ("contrastive", "pretrain", "instruct", "dpo")}
