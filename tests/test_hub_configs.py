@@ -37,7 +37,7 @@ def test_hub_configs_train_all_stages_on_tiny_stand_ins(tmp_path, tiny_siglip_di
             argv += ["--vision", str(tiny_siglip_dir), "--lm", str(tiny_smollm2_dir)]
         else:
             argv += ["--init_from", previous]
-        result = run(stage, argv)
+        result = run(stage, [str(a) for a in argv])
         assert result["global_step"] == 1
         previous = result["final_dir"]
     chat = VLMChat.from_pretrained(previous)
