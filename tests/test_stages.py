@@ -85,3 +85,23 @@ def test_bad_row_names_file_and_row(tmp_path, shapes_dir, tiny_clip_dir, tiny_sm
     result = run("pretrain", _common(tmp_path / "y", vision=tiny_clip_dir, lm=tiny_smollm2_dir, max_steps=1,
                                      train_file=bad, skip_bad_rows="true"))
     assert result["global_step"] == 1
+
+
+def test_trained_weights_stay_fp32_when_the_model_is_half_precision(tmp_path, shapes_dir, tiny_clip_dir,
+                                                                      tiny_smollm2_dir):
+    """``dtype: bfloat16`` halves the frozen base, but mapper and LoRA train in fp32 (AdamW steps below bf16's
+    resolution would vanish; fp16's gradient scaler refuses fp16 gradients)."""
+    from safetensors import safe_open
+
+    result = run("instruct", _common(tmp_path / "ins", vision=tiny_clip_dir, lm=tiny_smollm2_dir, max_steps=3,
+                                     train_file=shapes_dir / "conversations.json", dtype="bfloat16", lora_r=4,
+                                     mapper_lr=3e-3, lora_lr=3e-3))
+    final = tmp_path / "ins" / "final"
+    with safe_open(str(final / "mapper.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    with safe_open(str(final / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(_losses(result))))
+    chat = VLMChat.from_pretrained(final, device="cpu")  # the saved config keeps dtype bfloat16 for inference
+    assert chat.model.mapper.proj[0].weight.dtype == torch.bfloat16
+    assert chat.generate(shapes_dir / "images" / "shapes_3_0.png", "What shapes are there?", max_new_tokens=3)

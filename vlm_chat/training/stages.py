@@ -319,6 +319,12 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "lr": stage_args.lora_lr,
             }
         )
+    # Trained weights are kept in fp32 whatever the model's dtype (LLaVA and PEFT do the same): AdamW updates below
+    # bf16's resolution would be lost, and fp16 mixed precision's gradient scaler refuses fp16 gradients. The frozen
+    # base keeps its half dtype; mixed_precision's autocast runs the matmuls in half precision.
+    for p in (p for g in groups for p in g["params"]):
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
     rows = load_rows(stage, data_args, cfg.skip_bad_rows)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(Path(cfg.output_dir) / "config.yaml", model_args, data_args, stage_args, cfg)
