@@ -12,10 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output", str(out),
+                           "--set", "pretrain.mapper_pool=1"],  # configs/quickstart/pretrain.yaml says 2
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
+    assert summary["overrides"] == ["pretrain.mapper_pool=1"]
     assert set(summary["results"]) == {"instruct", "dpo"}
     for stage in ("contrastive", "pretrain", "instruct", "dpo"):
         assert (out / stage / "final").is_dir() and (out / stage / "train_log.jsonl").is_file()
@@ -23,6 +25,7 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "results.md").is_file()
     assert list((out / "instruct" / "logs").rglob("events.out.tfevents*"))  # TensorBoard, offline
     chat = VLMChat.from_pretrained(summary["final"])
+    assert chat.config.mapper.pool == 1  # --set reached stage 1, and stages 2-3 kept it
     assert chat.config.vision.name_or_path == "vision"  # the self-trained tower travels with the checkpoint
     assert isinstance(chat.generate(red_circle, "What color is the shape?", max_new_tokens=4), str)
     # Stages 0-2: the loss went down. DPO starts from a frozen copy of the instruct adapter as its reference, so its
@@ -53,3 +56,11 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
         b = demo.model(**demo._inputs([red_circle], ["What color is the shape?"], [None], reserve=0)).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-2)  # fp16 storage of the trained weights only
     assert "Reproduce" in (shipped / "README.md").read_text()
+
+
+def test_bad_set_names_the_expected_form(tmp_path):
+    for bad in ("mapper_pool=1", "data.shapes_images=3", "eval.nonsense=1"):
+        proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output",
+                               str(tmp_path), "--set", bad], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "data").exists()  # refused before any work

@@ -222,6 +222,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--stage0-scale", type=float, default=None, help="Multiply stage 0's steps by this instead (default: --scale)."
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="Override one setting of a stage's YAML (contrastive, pretrain, instruct, dpo) or of the evaluation "
+        "(eval.vqa_questions, ...), e.g. --set pretrain.mapper_pool=1; repeatable. Steps still scale with --scale.",
+    )
     args = parser.parse_args(argv)
     if args.stage0_scale is None:
         args.stage0_scale = args.scale
@@ -233,6 +242,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vlm_chat.training import contrastive, stages
 
     mode = {k: dict(v) for k, v in (TINY if args.tiny else FULL).items()}
+    for item in args.overrides:
+        stage, _, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if stage not in mode or stage == "data" or not key or not eq:
+            parser.error(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of contrastive, pretrain, "
+                         "instruct, dpo, eval")
+        if stage == "eval" and key not in mode["eval"]:
+            parser.error(f"--set {item!r}: eval settings are {', '.join(mode['eval'])}")
+        import yaml
+
+        mode[stage][key] = yaml.safe_load(value)  # stage keys are checked by the stage's own parser
     for stage in ("contrastive", "pretrain", "instruct", "dpo"):
         steps = mode[stage].get("max_steps") or _config_value(stage, "max_steps")
         mode[stage]["max_steps"] = max(1, round(steps * (args.stage0_scale if stage == "contrastive" else args.scale)))
@@ -304,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": "tiny" if args.tiny else "full",
         "scale": args.scale,
         "stage0_scale": args.stage0_scale,
+        "overrides": args.overrides,
         "stage0": stage0,
         "results": results,
         "seconds": timings,
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    budget = "" if args.tiny or args.scale != 1 or args.stage0_scale != 1 else f" (budget {BUDGET_S / 60:.0f} min: {'met' if timings['total'] <= BUDGET_S else 'EXCEEDED'})"
+    budget = "" if args.tiny or args.scale != 1 or args.stage0_scale != 1 or args.overrides else f" (budget {BUDGET_S / 60:.0f} min: {'met' if timings['total'] <= BUDGET_S else 'EXCEEDED'})"
     print(f"total wall time {timings['total'] / 60:.1f} min{budget}")
     print(f"final model: {summary['final']}")
     return summary
