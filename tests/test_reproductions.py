@@ -1,0 +1,93 @@
+"""``bench/reproduce_siglip.py`` and ``bench/reproduce_summary_tokens.py`` at their smallest setting, on tiny data.
+
+They check what the scripts compute, not what the claims say: the number of examples or steps held fixed, one encoder
+per (loss, batch), the visual-token counts and tokens per step of each mapper, and a results JSON + table. The
+measured numbers live in docs/reproductions.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One tiny copy of the quickstart's data for both scripts (shapes world only, 32-px images)."""
+    return tmp_path_factory.mktemp("repro_data")
+
+
+def test_siglip_reproduction_holds_examples_fixed(tmp_path, data_root, capsys):
+    script = _load("reproduce_siglip")
+    out = tmp_path / "siglip"
+    summary = script.main(["--tiny", "--data", str(data_root), "--output", str(out), "--batches", "4,8",
+                           "--examples", "16"])
+    runs = {(r["loss"], r["batch"]): r for r in summary["runs"]}
+    assert set(runs) == {(loss, b) for loss in ("clip", "siglip", "triplet") for b in (4, 8)}
+    for (loss, batch), r in runs.items():
+        assert r["examples"] == 16 and r["steps"] == 16 // batch  # same examples seen, steps = examples / batch
+        assert 0 <= r["zero_shot_accuracy"] <= 1 and 0 <= r["i2t_r1"] <= 1 and 0 <= r["t2i_r1"] <= 1
+        assert r["zero_shot_n"] == script.TINY_ZERO_SHOT_IMAGES
+        log = [json.loads(x) for x in (out / "runs" / f"{loss}-b{batch}" / "train_log.jsonl").read_text().splitlines()]
+        assert len(log) == r["steps"]  # the run really took that many steps of the stage-0 engine
+        config = (out / "runs" / f"{loss}-b{batch}" / "config.yaml").read_text()
+        assert f"loss: {loss}" in config and "model_type: clip" in config and "same_caption_positive: true" in config
+    assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+    printed = capsys.readouterr().out
+    assert "| batch | steps | clip zero-shot | siglip zero-shot | triplet zero-shot |" in printed
+    # --hold steps: every batch size gets the same step count instead.
+    steps = script.parse_args(["--hold", "steps", "--steps", "7"])
+    assert script.run_steps(steps, 16) == script.run_steps(steps, 256) == 7
+
+
+def test_summary_tokens_reproduction_counts_tokens(tmp_path, data_root, tiny_clip_dir, tiny_smollm2_dir, capsys):
+    script = _load("reproduce_summary_tokens")
+    out = tmp_path / "summary"
+    summary = script.main(["--tiny", "--data", str(data_root), "--output", str(out), "--vision", str(tiny_clip_dir),
+                           "--lm", str(tiny_smollm2_dir), "--num_queries", "4", "--pretrain_steps", "0"])
+    rows = summary["mappers"]
+    assert list(rows) == ["mlp", "perceiver", "qformer"]
+    # tiny_clip_dir: 32-px images, 8-px patches -> 16 patch tokens; the query mappers give --num_queries.
+    assert [rows[m]["visual_tokens"] for m in rows] == [16, 4, 4]
+    for shape in ("packed", "single"):
+        t = {m: rows[m]["timing"][shape] for m in rows}
+        batch = summary["settings"]["batch"]
+        # Same rows for every mapper: the token counts differ by exactly the visual tokens saved.
+        assert t["mlp"]["tokens"] - t["perceiver"]["tokens"] == batch * (16 - 4)
+        assert t["perceiver"]["tokens"] == t["qformer"]["tokens"]
+        assert t["mlp"]["speedup_vs_mlp"] == 1.0 and all(x["step_s"] > 0 for x in t.values())
+    assert rows["mlp"]["timing"]["packed"]["tokens"] > rows["mlp"]["timing"]["single"]["tokens"]
+    for m, r in rows.items():
+        assert 0 <= r["vqa_accuracy"] <= 1 and r["vqa_n"] == summary["settings"]["vqa_questions"]
+        assert (out / m / "instruct" / "final" / "mapper.safetensors").is_file()
+        log = (out / m / "instruct" / "train_log.jsonl").read_text().splitlines()
+        assert len(log) == summary["settings"]["instruct_steps"]
+    assert "| mapper | visual tokens |" in capsys.readouterr().out
+
+
+def test_summary_tokens_timing_only_and_no_timing(tmp_path, data_root, tiny_clip_dir, tiny_smollm2_dir, capsys):
+    """The split used when training runs on a GPU machine and the step time is measured on the CPU."""
+    script = _load("reproduce_summary_tokens")
+    common = ["--tiny", "--data", str(data_root), "--vision", str(tiny_clip_dir), "--lm", str(tiny_smollm2_dir),
+              "--num_queries", "4", "--pretrain_steps", "0", "--mappers", "mlp,qformer"]
+    timed = script.main([*common, "--output", str(tmp_path / "t"), "--timing_only"])["mappers"]
+    assert [timed[m]["visual_tokens"] for m in timed] == [16, 4]
+    assert all("vqa_accuracy" not in r and r["timing"]["packed"]["step_s"] > 0 for r in timed.values())
+    assert not (tmp_path / "t" / "mlp" / "instruct").exists()  # nothing trained
+    assert "s/step packed" in capsys.readouterr().out
+    scored = script.main([*common, "--output", str(tmp_path / "s"), "--no_timing"])["mappers"]
+    assert all("timing" not in r and 0 <= r["vqa_accuracy"] <= 1 for r in scored.values())
+    printed = capsys.readouterr().out
+    assert "easy-VQA acc" in printed and "s/step" not in printed
