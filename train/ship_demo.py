@@ -62,6 +62,35 @@ def ship(run: Path, out: Path) -> None:
         raise SystemExit(f"error: {out} is {size:.1f} MB, over the {MAX_MB} MB the repository allows")
 
 
+#: Keys of configs/quickstart/*.yaml that name this run's own files, not the recipe.
+_PATH_KEYS = {"output_dir", "train_file", "init_from", "vision", "save_steps"}
+
+
+def recipe_overrides(run: Path, scale: float) -> list[str]:
+    """``--set STAGE.KEY=VALUE`` items that make ``quickstart.py --scale X`` with today's ``configs/quickstart/`` YAMLs
+    train what ``run`` trained (each stage's resolved ``config.yaml`` against the YAML; a YAML that changed after the
+    run was trained shows up here instead of silently changing the recipe)."""
+    import yaml
+
+    from vlm_chat.training.quickstart import CONFIG_DIR
+
+    items = []
+    for stage in ("pretrain", "instruct", "dpo"):
+        saved_file = run / stage / "config.yaml"
+        if not saved_file.is_file():
+            continue
+        saved = yaml.safe_load(saved_file.read_text())
+        for key, value in yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text()).items():
+            if key in _PATH_KEYS or key not in saved:
+                continue
+            if key == "max_steps":
+                if saved[key] != max(1, round(value * scale)):
+                    items.append(f"{stage}.max_steps={saved[key] / scale:g}")
+            elif saved[key] != value:
+                items.append(f"{stage}.{key}={saved[key]}")
+    return items
+
+
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -70,6 +99,7 @@ def card(run: Path, out: Path) -> str:
     """The model card: what the model is, its measured scores (from the JSON files in ``run/eval``), the commands."""
     ev = run / "eval"
     summary = _load(run / "results.json") or {}
+    scale = float(summary.get("scale", 1))
     vqa, para = _load(ev / "vqa_full.json"), _load(ev / "vqa_paraphrase.json")
     pope, caps, enc = _load(ev / "pope.json"), _load(ev / "captions.json"), _load(ev / "encoder.json")
     rows = []
@@ -132,7 +162,9 @@ def card(run: Path, out: Path) -> str:
         f"python train/contrastive.py --config configs/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
         f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
         f" --save_steps 1000   # stage 0, 12.5 min here",
-        f"python train/quickstart.py --scale {summary.get('scale', '?'):g} --output {run}   # reuses that stage 0; "
+        f"python train/quickstart.py --scale {scale:g} --output {run}"
+        + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
+        + "   # reuses that stage 0; "
         f"{seconds.get('total', float('nan')) / 60:.0f} min here",
         f"python train/ship_demo.py --run {run} --out {out}",
         f"vlm-chat eval vqa --full --model {out} --output {ev}/vqa_full.json",
