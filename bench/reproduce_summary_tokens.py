@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tower = ensure_tower(args, out, data["captions"], data["images"])
     rows: dict[str, dict] = {}
     chats = {}
+    device = None if args.no_timing else "cpu"  # the timing is a CPU measurement; scoring alone may use a GPU
     for mapper in args.mappers if args.timing_only else []:
         chats[mapper] = fresh_model(args, mapper, tower)
         rows[mapper] = {"mapper": mapper, "vision": tower, "visual_tokens": chats[mapper].config.num_image_tokens,
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("%s: training (stage 1: %d steps, stage 2: %d steps)", mapper, args.pretrain_steps,
                         args.instruct_steps)
             record = {"mapper": mapper, **wanted, **train_mapper(args, mapper, tower, data, out)}
-            chat = VLMChat.from_pretrained(record["final_dir"], device="cpu", is_trainable=True)
+            chat = VLMChat.from_pretrained(record["final_dir"], device=device, is_trainable=True)
             start = time.perf_counter()
             record.update(score(chat, args))
             record["eval_s"] = time.perf_counter() - start
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("%s: easy-VQA accuracy %.3f on %d questions", mapper, record["vqa_accuracy"], record["vqa_n"])
         else:
             logger.info("%s: reusing %s (pass --force to retrain)", mapper, saved)
-            chat = VLMChat.from_pretrained(record["final_dir"], device="cpu", is_trainable=True)
+            chat = VLMChat.from_pretrained(record["final_dir"], device=device, is_trainable=True)
         rows[mapper], chats[mapper] = record, chat
     # Timing last and on the trained models, after scoring: its optimizer steps change the weights.
     timing = {} if args.no_timing else measure_steps(chats, data, args)
