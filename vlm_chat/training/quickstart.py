@@ -335,10 +335,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     keys = sorted({k for r in results.values() for k in r})
     lines = ["| metric | instruct | dpo |", "|---|---|---|"]
-    lines += [
-        f"| {k} | {results['instruct'].get(k, float('nan')):.4g} | {results['dpo'].get(k, float('nan')):.4g} |"
-        for k in keys
-    ]
+
+    def cell(stage: str, key: str) -> str:
+        return f"{results[stage][key]:.4g}" if key in results[stage] else "-"  # "-": not evaluated for that stage
+
+    lines += [f"| {k} | {cell('instruct', k)} | {cell('dpo', k)} |" for k in keys]
     lines += ["", "| stage 0 (encoder) | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in stage0.items()]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
