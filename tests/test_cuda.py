@@ -50,9 +50,13 @@ def test_stages_train_on_cuda(tmp_path, shapes_dir, tiny_clip_dir, tiny_smollm2_
     assert chat.generate(shapes_dir / "images" / "shapes_3_0.png", "What shapes are there?", max_new_tokens=4)
 
 
-def test_cuda_and_cpu_logits_agree_in_fp32(tmp_path, shapes_dir, tiny_clip_dir, tiny_smollm2_dir):
+def test_cuda_and_cpu_logits_agree_in_fp32(tmp_path, shapes_dir, tiny_clip_dir, tiny_smollm2_dir, monkeypatch):
     """The same fp32 checkpoint gives the same next-token logits on both devices (only kernel rounding differs)."""
     from vlm_chat.images import load_image
+
+    # cuDNN convolutions (the patch embedding) default to TF32 on recent GPUs: 10-bit mantissas, not fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
     VLMChat.from_components(tiny_clip_dir, tiny_smollm2_dir, lm_config={"dtype": "float32"}, device="cpu"
                             ).save_pretrained(tmp_path / "ckpt")
