@@ -101,6 +101,41 @@ def test_conversations_hold_all_questions_of_an_image():
     assert shuffled == E.conversations(train[:40], shuffle_seed=1) != E.conversations(train[:40])
 
 
+def test_balanced_yes_no_removes_the_question_form_prior():
+    train = E.load_split("train")
+    assert E.question_template("is there not a red shape in the image?") == "is there not a C shape in the image?"
+    assert E.question_template("is there a circle?") == "is there a S?"
+
+    def answers_by_template(samples):
+        out = {}
+        for s in samples:
+            if s.answer_type == "yes/no":
+                out.setdefault(E.question_template(s.question), Counter())[s.answer] += 1
+        return out
+
+    before = answers_by_template(train)
+    assert len(before) == 16 and before["does the image contain a C shape?"] == {"no": 2225, "yes": 331}
+    kept = E.balance_yes_no(train)
+    after = answers_by_template(kept)
+    assert set(after) == set(before)
+    for template, counts in after.items():  # every template: as many yes as no, all of the rarer answer kept
+        assert counts["yes"] == counts["no"] == min(before[template].values()), template
+    assert len(kept) == 20_466
+    assert [s for s in kept if s.answer_type != "yes/no"] == [s for s in train if s.answer_type != "yes/no"]
+    index = {s: i for i, s in enumerate(train)}
+    assert [index[s] for s in kept] == sorted(index[s] for s in kept)  # input order
+    assert E.balance_yes_no(train) == kept and E.balance_yes_no(train, seed=1) != kept
+
+    records = E.build_records("train", balance=True)
+    assert sum(len(m) // 2 for r in records for m in r.conversations) == 20_466
+    assert sum(len(r.vqa) for r in records) == 38_575  # VQA rows and captions still use every question
+    for balance, low, high in ((False, 0.0, 0.3), (True, 0.4, 0.6)):  # share of "yes" for un-negated questions
+        pairs = E.preference_pairs("train", balance=balance)
+        chosen = [p["chosen"] for p in pairs if p["chosen"] in ("yes", "no") and " not " not in p["prompt"]
+                  and not p["prompt"].startswith("is no ")]
+        assert low < chosen.count("yes") / len(chosen) < high, balance
+
+
 def test_quick_subset_is_fixed_and_from_test():
     a, b = E.quick_eval_subset(), E.quick_eval_subset()
     assert a == b and len(a) == 1_000

