@@ -19,6 +19,9 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     summary = json.loads((out / "results.json").read_text())
     assert summary["overrides"] == ["pretrain.mapper_pool=1"]
     assert set(summary["results"]) == {"instruct", "dpo"}
+    vqa = summary["results"]["dpo"]
+    kinds = [k for k in vqa if k.startswith("vqa_") and k not in ("vqa_accuracy", "vqa_n")]
+    assert kinds and all(0 <= vqa[k] <= 1 for k in kinds)  # per question type (shapes world: count, color, ...)
     for stage in ("contrastive", "pretrain", "instruct", "dpo"):
         assert (out / stage / "final").is_dir() and (out / stage / "train_log.jsonl").is_file()
     assert (out / "contrastive" / "final" / "model.safetensors").is_file()  # a standard CLIPModel directory

@@ -1,4 +1,5 @@
-"""``bench/reproduce_siglip.py`` and ``bench/reproduce_summary_tokens.py`` at their smallest setting, on tiny data.
+"""``bench/reproduce_siglip.py`` and ``bench/reproduce_summary_tokens.py`` at their smallest setting, on tiny data;
+``bench/yes_no_context.py`` on a fake model.
 
 They check what the scripts compute, not what the claims say: the number of examples or steps held fixed, one encoder
 per (loss, batch), the visual-token counts and tokens per step of each mapper, and a results JSON + table. The
@@ -91,3 +92,31 @@ def test_summary_tokens_timing_only_and_no_timing(tmp_path, data_root, tiny_clip
     assert all("timing" not in r and 0 <= r["vqa_accuracy"] <= 1 for r in scored.values())
     printed = capsys.readouterr().out
     assert "easy-VQA acc" in printed and "s/step" not in printed
+
+
+def test_yes_no_context_diagnostic_tells_a_context_reader_apart():
+    """``bench/yes_no_context.py``: a fake model that answers only from the earlier turns scores 1.0 with them and
+    its bias alone; the questions are easy-VQA test yes/no questions about images whose attributes are known."""
+    from vlm_chat import easyvqa
+
+    script = _load("yes_no_context")
+
+    class ContextReader:
+        def generate_batch(self, images, prompts, histories, **kw):
+            out = []
+            for prompt, history in zip(prompts, histories):
+                if history is None:
+                    out.append("no")
+                    continue
+                known = {history[1]["content"], history[3]["content"]}
+                words = prompt.rstrip("?").split()
+                named = next(w for w in words if w in easyvqa.COLORS or w in easyvqa.SHAPES)
+                negated = "not" in words or "no" in words
+                out.append("yes" if (named in known) != negated else "no")
+            return out
+
+    r = script.measure(ContextReader(), n=40, seed=0)
+    assert r["n"] == 40 and r["with_context"] == 1.0
+    assert 0 < r["alone"] < 1  # the share of "no" answers among the sampled questions
+    with pytest.raises(ValueError, match="--n"):
+        script.measure(ContextReader(), n=0)

@@ -38,10 +38,11 @@ TINY = {
     "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48},
 }
 FULL = {
-    # easyvqa_balance: yes/no questions balanced per template (easyvqa.balance_yes_no), or the model answers from
-    # the question's form.
+    # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/training.md, "Two shortcuts
+    # in easy-VQA's yes/no questions"): easyvqa_balance (yes/no balanced per question template) and easyvqa_max_turns 1
+    # (one question per sample; needs --set instruct.max_turns_per_sample=1 so they are not packed back together).
     "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True,
-             "easyvqa_balance": True},
+             "easyvqa_balance": False, "easyvqa_max_turns": None},
     "contrastive": {},
     "pretrain": {},
     "instruct": {},
@@ -110,10 +111,11 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
     if settings["easyvqa"]:
         from vlm_chat import easyvqa
 
-        balance = settings.get("easyvqa_balance", False)
-        ev_dir = out / "data" / ("easyvqa_train_balanced" if balance else "easyvqa_train")
+        balance, max_turns = settings.get("easyvqa_balance", False), settings.get("easyvqa_max_turns")
+        name = "easyvqa_train" + ("_balanced" if balance else "") + (f"_turns{max_turns}" if max_turns else "")
+        ev_dir = out / "data" / name
         if not (ev_dir / "manifest.json").is_file():
-            easyvqa.write_easyvqa(ev_dir, "train", shuffle_seed=0, balance=balance)
+            easyvqa.write_easyvqa(ev_dir, "train", max_turns=max_turns, shuffle_seed=0, balance=balance)
         paths["captions"].append(ev_dir / "captions.jsonl")
         paths["conversations"].append(ev_dir / "conversations.json")
         prefs = ev_dir / "preferences.jsonl"
@@ -180,6 +182,8 @@ def evaluate(chat, data: dict[str, Path], settings: dict[str, Any], full: bool, 
         vocabulary = None
     r = evaluation.evaluate_vqa(chat, vqa, vocabulary=vocabulary, progress=False)
     results["vqa_accuracy"], results["vqa_n"] = r["accuracy"], r["n"]
+    for kind, by in sorted(r["by_type"].items()):  # easy-VQA: color, shape, yes/no
+        results[f"vqa_{kind.replace('/', '_')}"] = by["accuracy"]
     pope = evaluation.load_eval_jsonl(data["eval"] / "pope.jsonl", required=("image", "question", "label"))
     p = evaluation.evaluate_pope(chat, pope[: settings["pope_questions"]], progress=False)
     results.update({f"pope_{k}": p["overall"][k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
@@ -254,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of data, contrastive, pretrain, "
                          "instruct, dpo, eval")
         # Other data settings would silently reuse a data folder written with different ones.
-        if stage == "data" and key != "easyvqa_balance":
-            parser.error(f"--set {item!r}: the only data setting is easyvqa_balance")
+        if stage == "data" and key not in ("easyvqa_balance", "easyvqa_max_turns"):
+            parser.error(f"--set {item!r}: the data settings are easyvqa_balance, easyvqa_max_turns")
         if stage == "eval" and key not in mode["eval"]:
             parser.error(f"--set {item!r}: eval settings are {', '.join(mode['eval'])}")
         import yaml
