@@ -69,7 +69,7 @@ _PATH_KEYS = {"output_dir", "train_file", "init_from", "vision", "save_steps"}
 def recipe_overrides(run: Path, scale: float) -> list[str]:
     """``--set STAGE.KEY=VALUE`` items that make ``quickstart.py --scale X`` with today's ``configs/quickstart/`` YAMLs
     train what ``run`` trained (each stage's resolved ``config.yaml`` against the YAML; a YAML that changed after the
-    run was trained shows up here instead of silently changing the recipe)."""
+    run was trained shows up here instead of silently changing the recipe), plus the run's ``data.*`` items."""
     import yaml
 
     from vlm_chat.training.quickstart import CONFIG_DIR
@@ -88,6 +88,9 @@ def recipe_overrides(run: Path, scale: float) -> list[str]:
                     items.append(f"{stage}.max_steps={saved[key] / scale:g}")
             elif saved[key] != value:
                 items.append(f"{stage}.{key}={saved[key]}")
+    # Data variants live in no stage's config.yaml, only in the run's record of its --set items.
+    summary = _load(run / "results.json") or {}
+    items += [item for item in summary.get("overrides", []) if item.startswith("data.")]
     return items
 
 
