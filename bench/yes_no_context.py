@@ -6,7 +6,7 @@ Asks ``n`` yes/no questions of easy-VQA's test split (seeded sample, images whos
 alone, as the evaluation does, and after two earlier turns that state the image's colour and shape ("what color is the
 shape?" -> "red", "what shape is this?" -> "circle"). A model trained on multi-turn conversations of all an image's
 questions can learn to answer "is there a red shape?" from such turns instead of from the image; it then scores much
-higher with them than alone. What was measured: docs/training.md, "One question per easy-VQA sample".
+higher with them than alone. What was measured: docs/training.md, "Two shortcuts in easy-VQA's yes/no questions".
 """
 
 from __future__ import annotations

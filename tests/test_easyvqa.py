@@ -129,7 +129,7 @@ def test_balanced_yes_no_removes_the_question_form_prior():
     records = E.build_records("train", balance=True)
     assert sum(len(m) // 2 for r in records for m in r.conversations) == 20_466
     assert sum(len(r.vqa) for r in records) == 38_575  # VQA rows and captions still use every question
-    single = E.build_records("train", max_turns=1, balance=True)  # the quickstart's: one question per conversation
+    single = E.build_records("train", max_turns=1, balance=True)  # data.easyvqa_max_turns=1: one question each
     assert sum(len(r.conversations) for r in single) == 20_466
     assert all(len(m) == 2 for r in single for m in r.conversations)
     for balance, low, high in ((False, 0.0, 0.3), (True, 0.4, 0.6)):  # share of "yes" for un-negated questions
