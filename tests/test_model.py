@@ -82,6 +82,47 @@ def test_forward_loss_equals_transformers_loss_over_all_logits(chat, red_circle,
     torch.testing.assert_close(ours.logps.sum(), -ours.loss_sum)
 
 
+@pytest.mark.parametrize("lm", ["llama", "qwen2"])
+def test_independent_turns_train_exactly_what_single_questions_would(request, lm, red_circle, blue_square):
+    """A packed conversation with independent turns: each pair's loss is that of the pair asked alone, and the summed
+    log-likelihood is the sum over the single-question samples (so no pair sees another's answer)."""
+    chat = VLMChat.from_components(str(request.getfixturevalue("tiny_clip_dir")),
+                                   str(request.getfixturevalue(f"tiny_{lm}_dir")), mapper="mlp", seed=3)
+    proc = chat.processor
+    qa = [("What color?", "Red."), ("Is there a triangle in the picture?", "No."), ("What shape?", "A circle.")]
+    conversation = _conv(*qa[0]) + [m for q, a in qa[1:] for m in ({"role": "user", "content": q},
+                                                                  {"role": "assistant", "content": a})]
+    packed = proc.encode_independent_turns(conversation, num_images=1)
+    assert packed.input_ids.count(proc.image_token_id) == chat.config.num_image_tokens  # the image once
+    one = proc.encode_independent_turns(_conv("Hi", "Yo."), num_images=1)  # shorter: padding in the batch below
+    plain = proc.encode_conversation(_conv("Hi", "Yo."), num_images=1)
+    assert (one.input_ids, one.labels) == (plain.input_ids, plain.labels)  # one pair: the plain encoding
+    batch = proc.pad([packed, one], "right")
+    assert batch["attention_mask"].shape[:2] == (2, 1) and batch["position_ids"].shape == batch["input_ids"].shape
+    batch["pixel_values"] = proc.pixel_values([red_circle, blue_square])
+    singles = _training_batch(chat, [red_circle] * 3 + [blue_square], [_conv(q, a) for q, a in qa] + [_conv("Hi", "Yo.")])
+    with torch.no_grad():
+        ours, ref = chat.model(**batch), chat.model(**singles)
+    torch.testing.assert_close(ours.logps, torch.stack([ref.logps[:3].sum(), ref.logps[3]]), rtol=1e-4, atol=1e-4)
+    assert ours.num_tokens == ref.num_tokens
+    # Without the isolation the later answers would see the earlier ones: a different likelihood.
+    with torch.no_grad():
+        joint = chat.model(**_training_batch(chat, [red_circle], [conversation]))
+    assert not torch.allclose(joint.logps[0], ours.logps[0], atol=1e-3)
+
+
+def test_independent_turns_refuse_what_they_cannot_split(chat, red_circle):
+    proc = chat.processor
+    with pytest.raises(ValueError, match="alternating user/assistant"):
+        proc.encode_independent_turns([{"role": "user", "content": "<image>\nA?"}], num_images=1)
+    with pytest.raises(ValueError, match="first user turn and nowhere else"):
+        proc.encode_independent_turns(_conv("A?", "a") + _conv("B?", "b"), num_images=1)
+    with pytest.raises(ValueError, match="4D attention_mask needs position_ids"):
+        batch = proc.pad([proc.encode_independent_turns(_conv("A?", "a"), num_images=1)], "right")
+        chat.model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                   pixel_values=proc.pixel_values([red_circle]))
+
+
 def test_image_count_mismatch_names_both_counts(chat, red_circle):
     batch = _training_batch(chat, [red_circle], [_conv("What color?", "Red.")])
     ids = batch["input_ids"].clone()

@@ -14,11 +14,13 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output", str(out),
                            "--set", "pretrain.mapper_pool=1",  # configs/quickstart/pretrain.yaml says 2
-                           "--set", "data.easyvqa_balance=true"],  # no easy-VQA in --tiny: only recorded
+                           "--set", "data.easyvqa_balance=true",  # no easy-VQA in --tiny: only recorded
+                           "--set", "instruct.independent_turns=true"],  # a DataArgs key no quickstart YAML holds
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
-    assert summary["overrides"] == ["pretrain.mapper_pool=1", "data.easyvqa_balance=true"]
+    assert summary["overrides"] == ["pretrain.mapper_pool=1", "data.easyvqa_balance=true",
+                                    "instruct.independent_turns=true"]
     assert set(summary["results"]) == {"instruct", "dpo"}
     vqa = summary["results"]["dpo"]
     kinds = [k for k in vqa if k.startswith("vqa_") and k not in ("vqa_accuracy", "vqa_n")]
@@ -63,7 +65,7 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     assert "Reproduce" in card
     # The card's command trains this run under today's configs: what differs from the YAMLs is spelled out.
     assert "--set pretrain.mapper_pool=1" in card and "--set instruct.max_steps=12" in card
-    assert "--set data.easyvqa_balance=true" in card
+    assert "--set data.easyvqa_balance=true" in card and "--set instruct.independent_turns=true" in card
     assert f"MLP over all patches (no pooling) -> {demo.config.num_image_tokens} visual tokens" in card
 
 

@@ -74,13 +74,15 @@ def recipe_overrides(run: Path, scale: float) -> list[str]:
 
     from vlm_chat.training.quickstart import CONFIG_DIR
 
-    items = []
+    items, yaml_keys = [], {}
     for stage in ("pretrain", "instruct", "dpo"):
+        recipe = yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())
+        yaml_keys[stage] = set(recipe)
         saved_file = run / stage / "config.yaml"
         if not saved_file.is_file():
             continue
         saved = yaml.safe_load(saved_file.read_text())
-        for key, value in yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text()).items():
+        for key, value in recipe.items():
             if key in _PATH_KEYS or key not in saved:
                 continue
             if key == "max_steps":
@@ -88,9 +90,13 @@ def recipe_overrides(run: Path, scale: float) -> list[str]:
                     items.append(f"{stage}.max_steps={saved[key] / scale:g}")
             elif saved[key] != value:
                 items.append(f"{stage}.{key}={saved[key]}")
-    # Data variants live in no stage's config.yaml, only in the run's record of its --set items.
+    # Data variants live in no stage's config.yaml, and keys a YAML does not hold cannot be compared with it: both are
+    # taken from the run's record of its --set items.
     summary = _load(run / "results.json") or {}
-    items += [item for item in summary.get("overrides", []) if item.startswith("data.")]
+    for item in summary.get("overrides", []):
+        stage, _, rest = item.partition(".")
+        if stage == "data" or (stage in yaml_keys and rest.partition("=")[0] not in yaml_keys[stage]):
+            items.append(item)
     return items
 
 

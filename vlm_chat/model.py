@@ -112,15 +112,24 @@ class VLMModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> VLMOutput:
+                image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> VLMOutput:
         """Loss (with labels) or last-position logits (without).
 
+        ``attention_mask`` is ``[B, T]`` (1 = token, 0 = padding) or a boolean ``[B, 1, T, T]`` (True = the query may
+        see the key) with explicit ``position_ids``, as ``VLMProcessor.pad`` makes for independent turns.
         The LM head, the largest matmul of a small LLM (vocab x hidden per position), runs only where a label exists
         or, without labels, at the last position.
         """
         embeds = self.embed(input_ids, pixel_values, image_features)
-        position_ids = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("a 4D attention_mask needs position_ids")
+            # transformers takes a 4D mask as is; an additive float one suits both the eager and the SDPA kernels.
+            blocked = torch.finfo(embeds.dtype).min
+            attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~attention_mask.bool(), blocked
+            )
+        elif attention_mask is not None and position_ids is None:
             # Right or left padding alike: positions count real tokens only.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         causal_lm = self.causal_lm

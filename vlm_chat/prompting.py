@@ -28,11 +28,17 @@ Message = dict[str, Any]
 
 @dataclass
 class Encoded:
-    """One tokenized sample. ``labels`` is None for inference prompts."""
+    """One tokenized sample. ``labels`` is None for inference prompts.
+
+    ``segments`` and ``position_ids`` are set only by :meth:`VLMProcessor.encode_independent_turns`: segment 0 is the
+    shared prefix, segment i the i-th question-answer pair, which sees only the prefix and itself.
+    """
 
     input_ids: list[int]
     labels: list[int] | None = None
     num_images: int = 0
+    segments: list[int] | None = None
+    position_ids: list[int] | None = None
 
 
 class VLMProcessor:
@@ -190,6 +196,73 @@ class VLMProcessor:
             return None
         return Encoded(ids, labels, num_images)
 
+    def encode_independent_turns(self, messages: list[Message], num_images: int) -> Encoded | None:
+        """A multi-turn conversation as its question-answer pairs, each asked alone about the image, in one sequence.
+
+        Each pair is rendered as its own single-turn conversation (later questions get the first question's image
+        marker, so every pair reads like an inference prompt). The tokens they all start with (system turn, image)
+        come once, then each pair's own tokens; ``segments`` and ``position_ids`` let a pair attend to that prefix and
+        to itself only, at the positions it would have alone. The sample trains what one single-question sample per
+        pair would, for the cost of one image prefix, and no answer can be read off an earlier turn's answer.
+        (Written here: transformers' packing, position-id resets, isolates whole sequences, not ones sharing a prefix.)
+
+        Returns:
+            The encoded sample, or None when no pair can be trained on. Pairs that would pass ``max_length`` are
+            dropped from the end.
+        """
+        messages = [{"role": m["role"], "content": self.content_text(m["content"])} for m in messages]
+        head = []
+        while messages and messages[0]["role"] == "system":
+            head.append(messages.pop(0))
+        roles = [m["role"] for m in messages]
+        if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
+            raise ValueError(
+                "independent turns need alternating user/assistant turns after the system turn, got roles "
+                f"{', '.join(roles) or 'none'}"
+            )
+        lead = ""
+        if num_images:
+            first = messages[0]["content"]
+            at = first.find(self.image_token)
+            if at < 0 or any(self.image_token in m["content"] for m in messages[1:]):
+                raise ValueError(
+                    f"independent turns need the '{self.image_token}' marker in the first user turn and nowhere else"
+                )
+            end = at + len(self.image_token)
+            lead = first[: end + 1] if first[end: end + 1] == "\n" else first[:end]
+        pairs = []
+        for i in range(0, len(messages), 2):
+            user = messages[i]["content"] if i == 0 else lead + messages[i]["content"]
+            enc = self.encode_conversation([*head, {"role": "user", "content": user}, messages[i + 1]], num_images)
+            if enc is not None:
+                pairs.append(enc)
+        if not pairs:
+            return None
+        # The shared prefix: what every pair's render starts with, up to the image (or, without one, up to before
+        # the first answer), so each pair's own tokens start before anything it is trained to say.
+        last_image = max((i for i, t in enumerate(pairs[0].input_ids) if t == self.image_token_id), default=-1)
+        first_label = min(next(i for i, t in enumerate(p.labels) if t != IGNORE_INDEX) for p in pairs)
+        limit = last_image + 1 if last_image >= 0 else first_label - 1
+        shared = 0
+        while shared < limit and len({p.input_ids[shared] for p in pairs}) == 1:
+            shared += 1
+        if shared <= last_image:  # e.g. a question that merges into the marker's token: pairs would need the image twice
+            raise ValueError("independent turns: the pairs' renders do not share the image tokens")
+        ids, labels = list(pairs[0].input_ids[:shared]), list(pairs[0].labels[:shared])
+        segments, positions = [0] * shared, list(range(shared))
+        for k, p in enumerate(pairs, start=1):
+            tail = len(p.input_ids) - shared
+            if len(ids) + tail > self.max_length:
+                break
+            ids += p.input_ids[shared:]
+            labels += p.labels[shared:]  # its first label is IGNORE_INDEX (shared < first_label), as it must be: the
+            # token before it, the previous pair's last, cannot see this pair
+            segments += [k] * tail
+            positions += range(shared, shared + tail)
+        if len(ids) == shared:
+            return None
+        return Encoded(ids, labels, num_images, segments=segments, position_ids=positions)
+
     def encode_prompt(self, prompt: str, history: list[Message] | None = None, has_image: bool = True,
                       reserve: int = 0) -> Encoded:
         """Tokenize an inference prompt, ending with the template's generation prompt.
@@ -260,6 +333,19 @@ class VLMProcessor:
             if has_labels:
                 labels[row, sl] = torch.tensor(s.labels)
         batch = {"input_ids": ids, "attention_mask": mask}
+        if samples[0].segments is not None:  # encode_independent_turns: a 4D mask and explicit positions
+            segments = torch.full((len(samples), width), -1, dtype=torch.long)
+            positions = torch.zeros((len(samples), width), dtype=torch.long)
+            for row, s in enumerate(samples):
+                n = len(s.input_ids)
+                sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+                segments[row, sl] = torch.tensor(s.segments)
+                positions[row, sl] = torch.tensor(s.position_ids)
+            query, key = segments[:, :, None], segments[:, None, :]  # [B, T, 1], [B, 1, T]
+            same = (key == 0) | (key == query)
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            batch["attention_mask"] = (same & causal & mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]: True = see
+            batch["position_ids"] = positions
         if has_labels:
             batch["labels"] = labels
         return batch

@@ -94,6 +94,13 @@ class DataArgs:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N samples."})
     pack_by_image: bool = field(default=True, metadata={"help": "instruct: merge QA rows of one image into one."})
     max_turns_per_sample: int | None = field(default=None, metadata={"help": "Cap on QA pairs per packed sample."})
+    independent_turns: bool = field(
+        default=False,
+        metadata={
+            "help": "instruct: train each QA pair of a conversation as if asked alone about the image (it sees the "
+            "image and its own question, not the earlier answers); the image prefix is still encoded once."
+        },
+    )
 
 
 @dataclass
@@ -151,11 +158,14 @@ def _with_image(prompt: str) -> str:
 class Collator:
     """Raw rows -> padded tensors (right padding) with labels on assistant tokens only."""
 
-    def __init__(self, chat: VLMChat, stage: str, features: FeatureCache):
+    def __init__(self, chat: VLMChat, stage: str, features: FeatureCache, independent_turns: bool = False):
         self.chat, self.stage, self.features = chat, stage, features
+        self.independent_turns = independent_turns and stage == "instruct"
 
     def _encode(self, messages: list[dict], image: str | None):
-        return self.chat.processor.encode_conversation(messages, num_images=int(image is not None))
+        proc = self.chat.processor
+        encode = proc.encode_independent_turns if self.independent_turns else proc.encode_conversation
+        return encode(messages, num_images=int(image is not None))
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         proc = self.chat.processor
@@ -334,7 +344,7 @@ def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         card = chat._default_card(chat.config) + f"\n## Training\n\nStage `{stage}`: `{command}`\n"
         chat.save_pretrained(directory, card=card)
 
-    collate = Collator(chat, stage, FeatureCache(chat, stage_args.cache_vision_features))
+    collate = Collator(chat, stage, FeatureCache(chat, stage_args.cache_vision_features), data_args.independent_turns)
     return train(
         chat.model,
         rows,
