@@ -151,7 +151,9 @@ def card(run: Path, out: Path) -> str:
     timed = f"{seconds.get('total', float('nan')) / 60:.0f} min here"
     if reused:
         timed += f" ({', '.join(reused)} reused from an identical run, not counted)"
-    training = [
+    # A run that is more than one quickstart call (e.g. a continued stage) records its own commands in recipe.sh.
+    recipe_file = run / "recipe.sh"
+    training = [x for x in recipe_file.read_text().splitlines() if x.strip()] if recipe_file.is_file() else [
         f"python train/quickstart.py --data-only --output {run}",
         f"python train/contrastive.py --config configs/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
         f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
@@ -160,9 +162,6 @@ def card(run: Path, out: Path) -> str:
         + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
         + f"   # reuses that stage 0; {timed}",
     ]
-    # A run that is more than one quickstart call (e.g. a continued stage) records its own commands in recipe.sh.
-    recipe_file = run / "recipe.sh"
-    recipe = [x for x in recipe_file.read_text().splitlines() if x.strip()] if recipe_file.is_file() else []
     lines = [
         "# vlm-chat demo model",
         "",
@@ -193,7 +192,7 @@ def card(run: Path, out: Path) -> str:
         "## Reproduce",
         "",
         "```bash",
-        *(recipe or training),
+        *training,
         f"python train/ship_demo.py --run {run} --out {out}",
         f"vlm-chat eval vqa --full --model {out} --output {ev}/vqa_full.json",
         f"vlm-chat eval vqa --paraphrase --model {out} --output {ev}/vqa_paraphrase.json",
