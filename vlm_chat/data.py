@@ -410,19 +410,26 @@ def _check_turns(messages: list[dict], has_image: bool) -> None:
 # Conversations
 
 
-def _llava_messages(row: dict) -> list[dict]:
-    if "conversations" not in row:
-        raise _BadRow("missing_field", "no 'conversations' field (this file is read as LLaVA format)")
-    turns = row["conversations"]
+def _turns(row: dict, field: str, fmt: str, what: str, keys: tuple[str, str]) -> list[dict]:
+    """``row[field]`` checked to be a list of objects that each hold ``keys`` (both formats share this shape)."""
+    if field not in row:
+        raise _BadRow("missing_field", f"no {field!r} field (this file is read as {fmt} format)")
+    turns = row[field]
     if not isinstance(turns, list):
-        raise _BadRow("wrong_type", f"'conversations' must be a list, got {_type_name(turns)}")
-    messages = []
+        raise _BadRow("wrong_type", f"{field!r} must be a list, got {_type_name(turns)}")
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _BadRow("wrong_type", f"turn {i}: must be an object, got {_type_name(turn)}")
-        for key in ("from", "value"):
+            raise _BadRow("wrong_type", f"{what} {i}: must be an object, got {_type_name(turn)}")
+        for key in keys:
             if key not in turn:
-                raise _BadRow("missing_field", f"turn {i}: no {key!r} field")
+                raise _BadRow("missing_field", f"{what} {i}: no {key!r} field")
+    return turns
+
+
+def _llava_messages(row: dict) -> list[dict]:
+    messages = []
+    for i, turn in enumerate(_turns(row, "conversations", "LLaVA", "turn", ("from", "value"))):
+        for key in ("from", "value"):
             if not isinstance(turn[key], str):
                 raise _BadRow("wrong_type", f"turn {i}: {key!r} must be a string, got {_type_name(turn[key])}")
         role = _ROLES.get(turn["from"].lower())
@@ -433,18 +440,8 @@ def _llava_messages(row: dict) -> list[dict]:
 
 
 def _chat_messages(row: dict) -> list[dict]:
-    if "messages" not in row:
-        raise _BadRow("missing_field", "no 'messages' field (this file is read as messages format)")
-    turns = row["messages"]
-    if not isinstance(turns, list):
-        raise _BadRow("wrong_type", f"'messages' must be a list, got {_type_name(turns)}")
     messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise _BadRow("wrong_type", f"message {i}: must be an object, got {_type_name(turn)}")
-        for key in ("role", "content"):
-            if key not in turn:
-                raise _BadRow("missing_field", f"message {i}: no {key!r} field")
+    for i, turn in enumerate(_turns(row, "messages", "messages", "message", ("role", "content"))):
         if not isinstance(turn["role"], str):
             raise _BadRow("wrong_type", f"message {i}: 'role' must be a string, got {_type_name(turn['role'])}")
         role = _ROLES.get(turn["role"].lower())
