@@ -120,3 +120,35 @@ def test_yes_no_context_diagnostic_tells_a_context_reader_apart():
     assert 0 < r["alone"] < 1  # the share of "no" answers among the sampled questions
     with pytest.raises(ValueError, match="--n"):
         script.measure(ContextReader(), n=0)
+
+
+def test_vqa_errors_vs_tower_splits_errors_by_what_the_tower_sees(tmp_path, tiny_clip_dir):
+    """``bench/vqa_errors_vs_tower.py``: errors are counted by whether the tower's zero-shot gets their image wrong,
+    right, or has no label for it; the script runs the tower through ``from_pretrained`` on easy-VQA test images."""
+    script = _load("vqa_errors_vs_tower")
+    predictions = [
+        {"image": "a.png", "correct": False}, {"image": "a.png", "correct": False},  # tower wrong on a
+        {"image": "b.png", "correct": False}, {"image": "b.png", "correct": True},  # tower right on b
+        {"image": "c.png", "correct": False},  # c has no label
+        {"image": "d.png", "correct": True},
+    ]
+    counts = script.split_errors(predictions, labelled={"a.png", "b.png", "d.png"}, wrong={"a.png", "d.png"})
+    assert counts == {"questions": 6, "errors": 4, "error_images": 3, "errors_on_tower_wrong_images": 2,
+                      "errors_on_tower_right_images": 1, "errors_on_unlabelled_images": 1,
+                      "tower_wrong_images_with_errors": 1}
+
+    from vlm_chat import easyvqa
+
+    items = easyvqa.labelled_images("test")[:6]
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(json.dumps({"predictions": [{"image": items[0][0], "correct": False},
+                                               {"image": items[1][0], "correct": True}]}))
+    result = script.main(["--vision", str(tiny_clip_dir), "--vqa", str(vqa), "--limit", "6"])
+    assert result["labelled_images"] == 6 and 0 <= result["tower_wrong_images"] <= 6
+    split = result["vqa"][str(vqa)]
+    assert split["errors"] == 1 and split["errors_on_unlabelled_images"] == 0
+    assert split["errors_on_tower_wrong_images"] + split["errors_on_tower_right_images"] == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="bad.json"):
+        script.main(["--vision", str(tiny_clip_dir), "--vqa", str(bad), "--limit", "2"])
