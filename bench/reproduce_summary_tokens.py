@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm", default=None, help="The LLM (default: the quickstart's, SmolLM2-135M-Instruct Q4_1).")
     p.add_argument("--mappers", default=",".join(MAPPERS), help="Comma-separated subset of mlp,perceiver,qformer.")
     p.add_argument("--num_queries", type=int, default=16, help="Summary tokens of perceiver/qformer.")
+    p.add_argument("--feature_layer", type=int, default=None,
+                   help="Tower hidden state the mapper reads (default: configs/quickstart/pretrain.yaml's, -2).")
     for name, help_ in (("pretrain_steps", "Stage-1 (captions, mapper only) steps; 0 skips stage 1."),
                         ("instruct_steps", "Stage-2 (conversations, mapper + LoRA) steps."),
                         ("batch", "Samples per step in both stages and in the timing."),
@@ -166,7 +168,8 @@ def train_mapper(args: argparse.Namespace, mapper: str, tower: str, data: dict[s
     from vlm_chat.training.quickstart import _argv
 
     lm = args.lm or _config_value("pretrain", "lm")
-    model = {"vision": tower, "lm": lm, "mapper": mapper, "mapper_pool": 1, "num_queries": args.num_queries}
+    model = {"vision": tower, "lm": lm, "mapper": mapper, "mapper_pool": 1, "num_queries": args.num_queries,
+             "feature_layer": _feature_layer(args)}
     common = {"seed": args.seed, "image_folder": data["images"], "per_device_batch_size": args.batch,
               "max_length": args.max_length, "report_to": "none", "save_steps": 0, "logging_steps": 5}
     record: dict[str, Any] = {}
@@ -185,7 +188,7 @@ def train_mapper(args: argparse.Namespace, mapper: str, tower: str, data: dict[s
         instruct["init_from"] = out / mapper / "pretrain" / "final"
     else:
         # No stage 1: stage 2 assembles the model itself, with the stage-1 config's model settings.
-        keys = ("mapper_depth", "feature_layer", "lora_r", "lora_alpha", "lora_dropout", "system_prompt")
+        keys = ("mapper_depth", "lora_r", "lora_alpha", "lora_dropout", "system_prompt")
         instruct.update({k: _config_value("pretrain", k) for k in keys}, init_from="none", **model)
     start = time.perf_counter()
     result = stages.run("instruct", _argv("instruct.yaml", instruct))
@@ -197,14 +200,18 @@ def train_mapper(args: argparse.Namespace, mapper: str, tower: str, data: dict[s
     return record
 
 
+def _feature_layer(args: argparse.Namespace) -> int:
+    return _config_value("pretrain", "feature_layer") if args.feature_layer is None else args.feature_layer
+
+
 def fresh_model(args: argparse.Namespace, mapper: str, tower: str):
     """An untrained VLM with the settings ``train_mapper`` trains (stage 1's model keys), on the CPU."""
     from vlm_chat import VLMChat
     from vlm_chat.training.stages import ModelArgs
 
-    keys = ("mapper_depth", "feature_layer", "lora_r", "lora_alpha", "lora_dropout", "system_prompt")
+    keys = ("mapper_depth", "lora_r", "lora_alpha", "lora_dropout", "system_prompt")
     model = ModelArgs(vision=tower, lm=args.lm or _config_value("pretrain", "lm"), mapper=mapper, mapper_pool=1,
-                      num_queries=args.num_queries, max_length=args.max_length,
+                      num_queries=args.num_queries, max_length=args.max_length, feature_layer=_feature_layer(args),
                       **{k: _config_value("pretrain", k) for k in keys})
     chat = VLMChat.from_config(model.vlm_config(), device="cpu", seed=args.seed)
     chat.model.configure_trainable(mapper=True, lora=True)
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record = json.loads(saved.read_text()) if saved.is_file() and not args.force else None
         wanted = {"instruct_steps": args.instruct_steps, "pretrain_steps": args.pretrain_steps, "batch": args.batch,
                   "max_length": args.max_length, "vqa_questions": args.vqa_questions, "seed": args.seed,
-                  "vision": tower}
+                  "vision": tower, "feature_layer": _feature_layer(args)}
         if record is None or any(record.get(k) != v for k, v in wanted.items()):
             logger.info("%s: training (stage 1: %d steps, stage 2: %d steps)", mapper, args.pretrain_steps,
                         args.instruct_steps)

@@ -88,8 +88,11 @@ def test_summary_tokens_timing_only_and_no_timing(tmp_path, data_root, tiny_clip
     assert all("vqa_accuracy" not in r and r["timing"]["packed"]["step_s"] > 0 for r in timed.values())
     assert not (tmp_path / "t" / "mlp" / "instruct").exists()  # nothing trained
     assert "s/step packed" in capsys.readouterr().out
-    scored = script.main([*common, "--output", str(tmp_path / "s"), "--no_timing"])["mappers"]
+    scored = script.main([*common, "--output", str(tmp_path / "s"), "--no_timing", "--feature_layer", "-1"])["mappers"]
     assert all("timing" not in r and 0 <= r["vqa_accuracy"] <= 1 for r in scored.values())
+    for r in scored.values():  # --feature_layer reaches the trained model's config
+        saved = json.loads((Path(r["final_dir"]) / "config.json").read_text())
+        assert r["feature_layer"] == -1 and saved["vision"]["feature_layer"] == -1
     printed = capsys.readouterr().out
     assert "easy-VQA acc" in printed and "s/step" not in printed
 
