@@ -94,6 +94,7 @@ def test_seeded_sampling_is_reproducible(capsys, tiny_vlm_dir, image_path):
         (["chat", "--model", "/nonexistent/model", "Hi"], "--model /nonexistent/model: directory not found"),
         (["caption", "__IMAGE__", "--model", "__IMAGE__"], "not a directory"),
         (["chat", "--model", "__EMPTY_DIR__", "Hi"], "config.json is missing"),
+        (["eval", "pope", "--model", "__MODEL__", "--split", "train"], "--split chooses among the default easy-VQA"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, tmp_path, tiny_vlm_dir, image_path, argv, message):
@@ -250,6 +251,13 @@ def test_eval_vqa_full_and_paraphrase_sets(capsys, tiny_vlm_dir, tmp_path):
     assert json.loads(out)["n"] == 2
     with pytest.raises(SystemExit):
         main(["eval", "vqa", "--full", "--paraphrase"])
+    # --split train: the same seeded draw over the questions the models learn from (a fit check)
+    code, out, err = _run(capsys, "eval", "vqa", "--model", tiny_vlm_dir, "--split", "train", "--limit", "3",
+                          "--max-new-tokens", "1", "--output", str(out_file))
+    assert code == 0, err
+    train = easyvqa.quick_eval_subset(split="train")
+    assert [p["question"] for p in json.loads(out_file.read_text())["predictions"]] == [s.question for s in train[:3]]
+    assert set(s.image for s in train) <= set(easyvqa.image_paths("train").values())
 
 
 def test_paraphrase_questions_are_balanced_and_answered_from_labels():

@@ -147,6 +147,10 @@ def test_quick_subset_is_fixed_and_from_test():
     positions = [index[s] for s in a]
     assert positions == sorted(set(positions))  # distinct, in the package's order
     assert E.quick_eval_subset(seed=1) != a
+    train = E.quick_eval_subset(split="train")
+    assert len(train) == 1_000 and not {s.image for s in train} & {s.image for s in a}
+    with pytest.raises(ValueError, match="split must be one of"):
+        E.quick_eval_subset(split="val")
     types = Counter(s.answer_type for s in a)
     assert set(types) == {"yes/no", "color", "shape"}
 

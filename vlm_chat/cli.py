@@ -244,12 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = ev.add_mutually_exclusive_group()
     which.add_argument(
-        "--full", action="store_true", help="vqa: all 9,673 questions of easy-VQA's test split, not the 1,000 subset"
+        "--full", action="store_true", help="vqa: all questions of the split (9,673 test, 38,575 train), not the 1,000 subset"
     )
     which.add_argument(
         "--paraphrase",
         action="store_true",
-        help="vqa: 400 questions about 100 easy-VQA test images in phrasings easy-VQA never uses",
+        help="vqa: 400 questions about 100 easy-VQA images of the split in phrasings easy-VQA never uses",
+    )
+    ev.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="vqa: easy-VQA split of the default sets (train: the questions the models learn from, to compare "
+        "train and test accuracy; --full then means all 38,575)",
     )
     ev.add_argument(
         "--data",
@@ -276,6 +283,8 @@ def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
 
     required = {"vqa": ("image", "question", "answer"), "pope": ("image", "question", "label")}
     extra: dict[str, Any] = {}
+    if args.split != "test" and (args.data is not None or args.task != "vqa"):
+        raise UsageError("--split chooses among the default easy-VQA sets: it applies to `eval vqa` without --data")
     if args.data is not None:
         rows = load_eval_jsonl(args.data, required=required.get(args.task, ("image", "caption")))
         if args.task == "captions":  # one row per reference caption: gather each image's references
@@ -285,9 +294,9 @@ def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
             rows = [{"image": image, "references": r} for image, r in refs.items()]
     elif args.task == "vqa":
         if args.paraphrase:
-            rows = easyvqa.paraphrase_questions()
+            rows = easyvqa.paraphrase_questions(split=args.split)
         else:
-            rows = easyvqa.load_split("test") if args.full else easyvqa.quick_eval_subset()
+            rows = easyvqa.load_split(args.split) if args.full else easyvqa.quick_eval_subset(split=args.split)
         extra["vocabulary"] = easyvqa.answer_vocabulary()  # so a colour answered to a yes/no question is judged
     else:
         scenes = shapes.generate_scenes(args.scenes, seed=SHAPES_EVAL_SEED)

@@ -283,17 +283,19 @@ def balance_yes_no(samples: Iterable[VQASample], seed: int = 0) -> list[VQASampl
     return [s for i, s in enumerate(samples) if i not in drop]
 
 
-def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED) -> list[VQASample]:
-    """A fixed, seeded sample of ``n`` questions from the TEST split, for the quick evaluation.
+def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED, split: str = "test") -> list[VQASample]:
+    """A fixed, seeded sample of ``n`` questions from ``split``, for the quick evaluation.
 
     The sample is drawn with ``random.Random(seed)`` over the package's question order, then put back in that order
-    (so an image's questions stay together for batching). The default is the project's fixed 1,000-question subset.
+    (so an image's questions stay together for batching). The default is the project's fixed 1,000-question subset
+    of the test split; ``split="train"`` draws the same way from the questions the models train on (a fit check:
+    how far train accuracy is from test accuracy tells under- from over-fitting).
     """
-    test = _load("test")
-    if not 0 < n <= len(test):
-        raise ValueError(f"n must be in 1..{len(test)}, got {n}")
-    picked = sorted(random.Random(seed).sample(range(len(test)), n))
-    return [test[i] for i in picked]
+    questions = _load(split)
+    if not 0 < n <= len(questions):
+        raise ValueError(f"n must be in 1..{len(questions)}, got {n}")
+    picked = sorted(random.Random(seed).sample(range(len(questions)), n))
+    return [questions[i] for i in picked]
 
 
 def build_records(
