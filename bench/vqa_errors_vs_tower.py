@@ -25,17 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def tower_wrong(vision: str, items: list[tuple[str, str]], class_names: list[str], template: str) -> set[str]:
     """Image paths of ``items`` (``(path, class name)``) whose most similar class prompt is not their class."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
+    from vlm_chat.evaluation import evaluate_encoder
 
-    from vlm_chat.evaluation import encode_images, encode_texts
-
-    model, processor = AutoModel.from_pretrained(vision).eval(), AutoProcessor.from_pretrained(vision)
-    with torch.no_grad():
-        images = encode_images(model, processor.image_processor, [path for path, _ in items])
-        classes = encode_texts(model, processor.tokenizer, [template.format(c) for c in class_names])
-    predicted = (images @ classes.T).argmax(dim=-1).tolist()
-    return {path for (path, name), k in zip(items, predicted) if class_names[k] != name}
+    result = evaluate_encoder(
+        vision, class_items=items, class_names=class_names, class_template=template, return_predictions=True
+    )
+    return {path for (path, name), guess in zip(items, result["zero_shot_predictions"]) if guess != name}
 
 
 def split_errors(predictions: list[dict], labelled: set[str], wrong: set[str]) -> dict[str, int]:

@@ -111,6 +111,7 @@ def test_zero_shot_accuracy_hand_computed():
     images = torch.tensor([[2.0, 0.1], [0.1, 3.0], [-1.0, -0.5], [0.0, 1.0]])  # predicted: 0, 1, 2, 1
     assert ev.zero_shot_accuracy(images, classes, torch.tensor([0, 1, 2, 1])) == 1.0
     assert ev.zero_shot_accuracy(images, classes, torch.tensor([0, 0, 0, 0])) == 0.25
+    assert ev.zero_shot_predictions(images, classes).tolist() == [0, 1, 2, 1]
     with pytest.raises(ValueError, match="labels must have shape"):
         ev.zero_shot_accuracy(images, classes, torch.tensor([0, 1]))
 
@@ -330,6 +331,10 @@ def test_evaluate_encoder_on_tiny_dual_encoder(tmp_path, family):
         txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
     labels = torch.tensor([names.index(n) for _, n in class_items])
     assert r["zero_shot_accuracy"] == pytest.approx(ev.zero_shot_accuracy(img, txt, labels))
+    guesses = ev.evaluate_encoder(model, processor, None, class_items, names, "a {}", 5, return_predictions=True)
+    assert guesses["zero_shot_predictions"] == [names[k] for k in ev.zero_shot_predictions(img, txt).tolist()]
+    right = sum(g == n for g, (_, n) in zip(guesses["zero_shot_predictions"], class_items))
+    assert right / len(class_items) == pytest.approx(r["zero_shot_accuracy"])
 
     # From a saved directory (loaded with AutoModel) the numbers are the same.
     model.save_pretrained(tmp_path / "enc")

@@ -493,6 +493,24 @@ def evaluate_captions(
 # Stage-0 encoder: zero-shot classification and retrieval
 
 
+def zero_shot_predictions(image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+    """``[N]`` index of each image's most similar class text (cosine similarity).
+
+    Args:
+        image_embeds: ``[N, D]`` image embeddings (normalized here).
+        class_embeds: ``[C, D]`` one text embedding per class.
+    """
+    if image_embeds.ndim != 2 or class_embeds.ndim != 2 or image_embeds.shape[1] != class_embeds.shape[1]:
+        raise ValueError(
+            f"need [N, D] and [C, D] embeddings, got {tuple(image_embeds.shape)} and {tuple(class_embeds.shape)}"
+        )
+    sim = (
+        torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+        @ torch.nn.functional.normalize(class_embeds.float(), dim=-1).T
+    )  # [N, C]
+    return sim.argmax(dim=1)
+
+
 def zero_shot_accuracy(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of images whose most similar class text (cosine similarity) is their label.
 
@@ -504,18 +522,11 @@ def zero_shot_accuracy(image_embeds: torch.Tensor, class_embeds: torch.Tensor, l
     Returns:
         Top-1 accuracy in [0, 1].
     """
-    if image_embeds.ndim != 2 or class_embeds.ndim != 2 or image_embeds.shape[1] != class_embeds.shape[1]:
-        raise ValueError(
-            f"need [N, D] and [C, D] embeddings, got {tuple(image_embeds.shape)} and {tuple(class_embeds.shape)}"
-        )
+    predicted = zero_shot_predictions(image_embeds, class_embeds)
     labels = torch.as_tensor(labels, device=image_embeds.device)
     if labels.shape != (image_embeds.shape[0],):
         raise ValueError(f"labels must have shape [{image_embeds.shape[0]}], got {tuple(labels.shape)}")
-    sim = (
-        torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-        @ torch.nn.functional.normalize(class_embeds.float(), dim=-1).T
-    )  # [N, C]
-    return (sim.argmax(dim=1) == labels).float().mean().item()
+    return (predicted == labels).float().mean().item()
 
 
 def retrieval_recall(
@@ -623,7 +634,8 @@ def evaluate_encoder(
     class_template: str = "{}",
     batch_size: int = 64,
     text_padding: str | bool | None = None,
-) -> dict[str, float]:
+    return_predictions: bool = False,
+) -> dict[str, Any]:
     """Zero-shot classification and image<->text retrieval of a dual encoder (stage 0, or any hub CLIP/SigLIP).
 
     Args:
@@ -638,6 +650,8 @@ def evaluate_encoder(
         class_template: Format string of a class prompt.
         batch_size: Images per forward pass.
         text_padding: Tokenizer padding override (see :func:`encode_texts`).
+        return_predictions: Also return ``"zero_shot_predictions"``: the predicted class name of each of
+            ``class_items``, in order (to see which images the encoder gets wrong).
 
     Returns:
         ``{"zero_shot_accuracy", "zero_shot_n"}`` when ``class_items`` are given, and ``{"i2t_r1", ..., "t2i_r10",
@@ -653,7 +667,7 @@ def evaluate_encoder(
         raise ValueError("pass the processor when passing a model object")
     model.eval()
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}
     if class_items:
         if not class_names:
             raise ValueError("class_items need class_names")
@@ -673,6 +687,9 @@ def evaluate_encoder(
         )
         results["zero_shot_accuracy"] = zero_shot_accuracy(image_embeds, class_embeds, torch.tensor(labels))
         results["zero_shot_n"] = len(labels)
+        if return_predictions:
+            predicted = zero_shot_predictions(image_embeds, class_embeds).tolist()
+            results["zero_shot_predictions"] = [class_names[k] for k in predicted]
     if caption_items:
         texts = list(dict.fromkeys(c for _, c in caption_items))  # unique captions, first-seen order
         text_index = {t: j for j, t in enumerate(texts)}
