@@ -265,6 +265,21 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert list(EpochSampler(10, seed=4, multiple=4)) != list(a)
 
 
+def test_logged_window_reads_position_at_its_last_step(tmp_path, caplog):
+    # 32 samples / batch 4 = 8 steps per epoch; the line logged at step 4 averages the loss over steps 1-4 but gives
+    # the epoch and learning rate at step 4 (still in the linear warmup), not their window means.
+    cfg = _cfg(tmp_path, max_steps=8, logging_steps=4, lr_scheduler="linear", warmup_steps=6, learning_rate=0.02)
+    with caplog.at_level("INFO", logger="vlm_chat.training.engine"):
+        history = train(Model(), _dataset(), _collate, LossFn(), cfg)["history"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 4/8"))
+    history = history[:4]
+    assert "epoch=0.5 " in line
+    assert f"loss={sum(h['loss'] for h in history) / 4:.4g}" in line
+    (lr_key,) = [k for k in history[-1] if k.startswith("lr/")]
+    assert history[0][lr_key] < history[-1][lr_key]  # still warming up, so a window mean would be lower
+    assert f"{lr_key}={history[-1][lr_key]:.4g}" in line
+
+
 def test_num_epochs_sets_the_step_count(tmp_path):
     result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=-1, num_epochs=1.5))
     assert result["global_step"] == math.ceil(1.5 * 32 / 4)

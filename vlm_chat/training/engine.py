@@ -553,7 +553,14 @@ def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_gr
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 if global_step % cfg.logging_steps == 0 or global_step == max_steps:
-                    means = {k: sum(r[k] for r in window) / len(window) for k in window[-1] if k != "step"}
+                    # Losses, norms and timings are averaged over the window; where the run is (epoch, the
+                    # learning rates) is read at its last step.
+                    last = window[-1]
+                    means = {
+                        k: last[k] if k == "epoch" or k.startswith("lr/") else sum(r[k] for r in window) / len(window)
+                        for k in last
+                        if k != "step"
+                    }
                     accelerator.log({f"train/{k}": v for k, v in means.items()}, step=global_step)
                     if is_main:
                         logger.info("step %d/%d %s", global_step, max_steps, _fmt(means))
