@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = ev.add_mutually_exclusive_group()
     which.add_argument(
-        "--full", action="store_true", help="vqa: all questions of the split (9,673 test, 38,575 train), not the 1,000 subset"
+        "--full",
+        action="store_true",
+        help="vqa: all questions of the split (9,673 test, 38,575 train), not the 1,000 subset",
     )
     which.add_argument(
         "--paraphrase",
