@@ -11,7 +11,7 @@ changed. The architecture is the same ``CLIPModel`` for all three losses, so the
 SigLIP loss gets its learned bias from ``DualEncoder``). Each batch size sees the same number of training *examples*
 (``--examples``; steps = examples / batch), as the paper's batch-size study holds examples seen fixed; ``--hold steps``
 gives every batch size the same step count instead. Every encoder is then scored by
-``vlm_chat.evaluation.evaluate_encoder``: zero-shot accuracy over easy-VQA's 24 colour x shape test classes and
+``vlm_chat.eval.evaluate_encoder``: zero-shot accuracy over easy-VQA's 24 colour x shape test classes and
 image<->text R@1/R@5 on held-out shapes-world scenes.
 
 Writes ``OUTPUT/results.json`` (every number, the settings and the command) and prints a markdown table. A finished
@@ -109,7 +109,8 @@ def run_steps(args: argparse.Namespace, batch: int) -> int:
 
 def prepare(args: argparse.Namespace, out: Path) -> tuple[Path, Path, list[tuple[str, str]], list[tuple[str, str]]]:
     """Training captions (merged into one file under ``out``), their image folder, zero-shot and retrieval items."""
-    from vlm_chat import easyvqa, evaluation
+    from vlm_chat import eval as evaluation
+    from vlm_chat.datasets import easyvqa
     from vlm_chat.training.quickstart import _merge_jsonl, prepare_data
 
     data_root = Path(args.data) if args.data else out
@@ -168,8 +169,8 @@ def train_one(args: argparse.Namespace, loss: str, batch: int, captions: Path, i
 
 def evaluate_one(encoder_dir: str, classes, retrieval) -> dict[str, Any]:
     """Zero-shot accuracy (easy-VQA test classes) and retrieval R@k (held-out shapes scenes) of one encoder."""
-    from vlm_chat import easyvqa
-    from vlm_chat.evaluation import evaluate_encoder
+    from vlm_chat.datasets import easyvqa
+    from vlm_chat.eval import evaluate_encoder
 
     r = evaluate_encoder(encoder_dir, class_items=classes, class_names=easyvqa.CLASS_NAMES,
                          class_template=easyvqa.ZERO_SHOT_TEMPLATE, caption_items=retrieval)

@@ -11,7 +11,7 @@ Three VLMs that differ only in the mapper: ``mlp`` over all 64 patch tokens (``m
 SmolLM2-135M-Instruct + LoRA, same data, seed, steps and learning rates. Each is trained by the library's own stage
 runs (``vlm_chat.training.stages.run``: optional stage 1 on captions, then stage 2 on conversations, with the
 ``configs/quickstart`` YAMLs and only steps/sizes overridden) and scored on a fixed subset of easy-VQA's test split
-(``vlm_chat.evaluation.evaluate_vqa``, answer = first vocabulary word of the response).
+(``vlm_chat.eval.evaluate_vqa``, answer = first vocabulary word of the response).
 
 Step time is measured apart from training, in one process, on identical batches: one optimizer step (forward, backward,
 clip, AdamW; ``bench/run.py``'s ``train_step``) per mapper per round, the order alternating each round
@@ -220,7 +220,8 @@ def fresh_model(args: argparse.Namespace, mapper: str, tower: str):
 
 def score(chat, args: argparse.Namespace) -> dict[str, Any]:
     """easy-VQA accuracy on the first ``vqa_questions`` of the fixed quick-eval subset of the TEST split."""
-    from vlm_chat import easyvqa, evaluation
+    from vlm_chat import eval as evaluation
+    from vlm_chat.datasets import easyvqa
 
     samples = easyvqa.quick_eval_subset(args.vqa_questions)
     r = evaluation.evaluate_vqa(chat, samples, vocabulary=easyvqa.answer_vocabulary(), progress=False)

@@ -38,7 +38,8 @@ from llava_ref import build_llava  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from vlm_chat import VLMChat, easyvqa  # noqa: E402
+from vlm_chat import VLMChat  # noqa: E402
+from vlm_chat.datasets import easyvqa  # noqa: E402
 from vlm_chat.images import load_image  # noqa: E402
 from vlm_chat.offline import SMOLLM2_ALIAS, cache_dir  # noqa: E402
 from vlm_chat.prompting import IGNORE_INDEX  # noqa: E402

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def tower_wrong(vision: str, items: list[tuple[str, str]], class_names: list[str], template: str) -> set[str]:
     """Image paths of ``items`` (``(path, class name)``) whose most similar class prompt is not their class."""
-    from vlm_chat.evaluation import evaluate_encoder
+    from vlm_chat.eval import evaluate_encoder
 
     result = evaluate_encoder(
         vision, class_items=items, class_names=class_names, class_template=template, return_predictions=True
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    from vlm_chat import easyvqa
+    from vlm_chat.datasets import easyvqa
 
     items = easyvqa.labelled_images("test")[: args.limit]
     wrong = tower_wrong(args.vision, items, list(easyvqa.CLASS_NAMES), easyvqa.ZERO_SHOT_TEMPLATE)

@@ -34,8 +34,8 @@ def context_turns(color: str, shape: str) -> list[dict[str, str]]:
 
 def measure(chat, n: int = 160, seed: int = 0, batch_size: int = 16) -> dict[str, float | int]:
     """Accuracy on ``n`` yes/no test questions alone and after :func:`context_turns`."""
-    from vlm_chat import easyvqa
-    from vlm_chat.evaluation import extract_answer, normalize_answer
+    from vlm_chat.datasets import easyvqa
+    from vlm_chat.eval import extract_answer, normalize_answer
 
     test = easyvqa.load_split("test")
     attributes = {i: easyvqa.image_attributes(qs) for i, qs in easyvqa.group_by_image(test).items()}

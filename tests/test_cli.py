@@ -9,8 +9,9 @@ from conftest import make_image
 
 import vlm_chat
 from vlm_chat import VLMChat
-from vlm_chat.cli import generation_kwargs, main
-from vlm_chat.evaluation import evaluate_vqa, load_eval_jsonl
+from vlm_chat.cli import main
+from vlm_chat.eval import evaluate_vqa, load_eval_jsonl
+from vlm_chat.serving import generation_kwargs
 
 GEN = {"max_new_tokens": 6, "do_sample": False}
 
@@ -199,7 +200,7 @@ def test_eval_vqa_on_a_file(capsys, tiny_vlm_dir, chat, eval_files):
 
 
 def test_eval_defaults_use_easyvqa_and_shapes(capsys, tiny_vlm_dir):
-    from vlm_chat import easyvqa
+    from vlm_chat.datasets import easyvqa
 
     code, out, err = _run(capsys, "eval", "vqa", "--model", tiny_vlm_dir, "--limit", "3", "--max-new-tokens", "2")
     assert code == 0, err
@@ -237,7 +238,7 @@ def test_eval_bad_file_names_file_and_line(capsys, tiny_vlm_dir, eval_files):
 
 
 def test_eval_vqa_full_and_paraphrase_sets(capsys, tiny_vlm_dir, tmp_path):
-    from vlm_chat import easyvqa
+    from vlm_chat.datasets import easyvqa
 
     out_file = tmp_path / "p.json"
     code, out, err = _run(capsys, "eval", "vqa", "--model", tiny_vlm_dir, "--paraphrase", "--limit", "4",
@@ -261,7 +262,7 @@ def test_eval_vqa_full_and_paraphrase_sets(capsys, tiny_vlm_dir, tmp_path):
 
 
 def test_paraphrase_questions_are_balanced_and_answered_from_labels():
-    from vlm_chat import easyvqa
+    from vlm_chat.datasets import easyvqa
 
     qs = easyvqa.paraphrase_questions(50, seed=1)
     assert len(qs) == 200 and qs == easyvqa.paraphrase_questions(50, seed=1)

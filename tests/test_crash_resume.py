@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlm_chat import VLMChat
-from vlm_chat.shapes import write_shapes_dataset
+from vlm_chat.datasets.shapes import write_shapes_dataset
 from vlm_chat.training.engine import NonFiniteLossError, find_latest_checkpoint
 from vlm_chat.training.stages import run
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import vlm_chat
-from vlm_chat import easyvqa
-from vlm_chat.evaluation import evaluate_vqa
+from vlm_chat.datasets import easyvqa
+from vlm_chat.eval import evaluate_vqa
 
 DEMO = Path(vlm_chat.DEMO_MODEL)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm_chat.shapes import write_shapes_dataset
+from vlm_chat.datasets.shapes import write_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

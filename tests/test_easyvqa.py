@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_chat import easyvqa as E
-from vlm_chat.shapes import COLOR_RGB, COLORS, SHAPES
+from vlm_chat.datasets import easyvqa as E
+from vlm_chat.datasets.shapes import COLOR_RGB, COLORS, SHAPES
 
 
 def _q(question: str, answer: str, image_id: int = 0) -> E.VQASample:

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlm_chat import evaluation as ev
-from vlm_chat import shapes as sw
+from vlm_chat import eval as ev
+from vlm_chat.datasets import shapes as sw
 
 EASY_VOCAB = ["circle", "green", "red", "gray", "yes", "teal", "black", "rectangle", "yellow", "triangle", "brown",
               "blue", "no"]  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from vlm_chat import VLMChat
-from vlm_chat.shapes import write_shapes_dataset
+from vlm_chat.datasets.shapes import write_shapes_dataset
 from vlm_chat.training.stages import run
 
 HUB = Path(__file__).resolve().parents[1] / "configs" / "hub"

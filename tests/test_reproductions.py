@@ -100,7 +100,7 @@ def test_summary_tokens_timing_only_and_no_timing(tmp_path, data_root, tiny_clip
 def test_yes_no_context_diagnostic_tells_a_context_reader_apart():
     """``bench/yes_no_context.py``: a fake model that answers only from the earlier turns scores 1.0 with them and
     its bias alone; the questions are easy-VQA test yes/no questions about images whose attributes are known."""
-    from vlm_chat import easyvqa
+    from vlm_chat.datasets import easyvqa
 
     script = _load("yes_no_context")
 
@@ -140,7 +140,7 @@ def test_vqa_errors_vs_tower_splits_errors_by_what_the_tower_sees(tmp_path, tiny
                       "errors_on_tower_right_images": 1, "errors_on_unlabelled_images": 1,
                       "tower_wrong_images_with_errors": 1}
 
-    from vlm_chat import easyvqa
+    from vlm_chat.datasets import easyvqa
 
     items = easyvqa.labelled_images("test")[:6]
     vqa = tmp_path / "vqa.json"

@@ -9,7 +9,7 @@ import re
 import easy_vqa
 import pytest
 
-from vlm_chat import shapes as sw
+from vlm_chat.datasets import shapes as sw
 
 N_SCENES = 300
 

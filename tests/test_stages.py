@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlm_chat import VLMChat
-from vlm_chat.shapes import write_shapes_dataset
+from vlm_chat.datasets.shapes import write_shapes_dataset
 from vlm_chat.training.stages import run
 
 

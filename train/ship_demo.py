@@ -187,7 +187,7 @@ def card(run: Path, out: Path) -> str:
         *rows,
         "",
         "easy-VQA answers are judged by the first answer-vocabulary word of the normalized response",
-        "(`vlm_chat.evaluation.evaluate_vqa`); a CNN+LSTM classifier gets 87.6% on the same test split.",
+        "(`vlm_chat.eval.evaluate_vqa`); a CNN+LSTM classifier gets 87.6% on the same test split.",
         "",
         "## Reproduce",
         "",

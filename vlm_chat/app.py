@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from PIL import Image
 
-from vlm_chat.cli import (
+from vlm_chat.images import MAX_PIXELS, load_image
+from vlm_chat.serving import (
     DEFAULT_HOST,
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -29,7 +30,6 @@ from vlm_chat.cli import (
     generation_kwargs,
     load_model,
 )
-from vlm_chat.images import MAX_PIXELS, load_image
 
 if TYPE_CHECKING:
     from vlm_chat.chat import VLMChat

@@ -16,100 +16,27 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import vlm_chat
-
-if TYPE_CHECKING:
-    from vlm_chat.chat import VLMChat
+from vlm_chat.serving import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PORT,
+    DEFAULT_TOP_P,
+    UsageError,
+    generation_kwargs,
+    load_model,
+    resolve_model_dir,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Defaults shared by the command line and the web UI.
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_TOP_P = 0.9
-#: Gradio refuses larger uploads before they reach the model (the server answers 413).
-DEFAULT_MAX_FILE_SIZE = "20mb"
 #: Shapes-world seed of ``vlm-chat eval``'s default POPE and caption sets: not a training seed, so the scenes are unseen.
 SHAPES_EVAL_SEED = 1234
 #: Result keys that hold one entry per sample: written by ``--output``, left out of the printed summary.
 _PER_SAMPLE_KEYS = ("predictions", "captions", "cider_per_image")
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for (bad flag value, missing model directory); printed without a traceback."""
-
-
-def generation_kwargs(
-    max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None
-) -> dict[str, Any]:
-    """Translate the user-facing generation settings into transformers ``generate`` keywords.
-
-    Args:
-        max_new_tokens: Upper bound on generated tokens; ``None`` keeps the library default.
-        temperature: ``0`` (or ``None``) means greedy decoding, which is deterministic; above 0 samples.
-        top_p: Nucleus-sampling mass, used only when sampling.
-
-    Returns:
-        Keywords for ``VLMChat.generate`` / ``stream`` / ``caption``.
-
-    Raises:
-        ValueError: a setting is out of range (the message names it).
-    """
-    kwargs: dict[str, Any] = {}
-    if max_new_tokens is not None:
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        kwargs["max_new_tokens"] = int(max_new_tokens)
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not temperature:
-        # Passing temperature/top_p with do_sample=False only makes transformers warn; greedy ignores them.
-        kwargs["do_sample"] = False
-    else:
-        kwargs.update(do_sample=True, temperature=float(temperature))
-        if top_p is not None:
-            kwargs["top_p"] = float(top_p)
-    return kwargs
-
-
-def resolve_model_dir(model: str | None) -> str:
-    """Return the checkpoint directory to load, or raise a `UsageError` that tells the user what to pass.
-
-    Args:
-        model: The ``--model`` value; ``None`` means the shipped demo model.
-
-    Returns:
-        The directory path as a string.
-    """
-    path = Path(model) if model else Path(vlm_chat.DEMO_MODEL)
-    if path.is_dir():
-        return str(path)
-    if model is None:
-        raise UsageError(
-            f"the demo model is not built yet (no directory {path}). Build it with `python train/quickstart.py`, "
-            "or pass --model DIR with a checkpoint written by VLMChat.save_pretrained or a training run"
-        )
-    if path.exists():
-        raise UsageError(f"--model {model}: not a directory; pass a checkpoint directory written by save_pretrained")
-    raise UsageError(f"--model {model}: directory not found")
-
-
-def load_model(model: str | None) -> VLMChat:
-    """Load a checkpoint directory once (``None`` = the demo model), logging what was loaded."""
-    from vlm_chat.chat import VLMChat
-
-    path = resolve_model_dir(model)
-    logger.info("loading model from %s", path)
-    try:
-        return VLMChat.from_pretrained(path)
-    except (FileNotFoundError, ValueError) as e:
-        # The library names the missing file or the incompatible field; say which --model it was.
-        raise UsageError(f"cannot load model from {path}: {e}") from e
 
 
 def _positive_int(text: str) -> int:
@@ -280,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     """The samples of ``vlm-chat eval TASK`` and extra keywords for its ``evaluate_*`` runner."""
-    from vlm_chat import easyvqa, shapes
-    from vlm_chat.evaluation import load_eval_jsonl
+    from vlm_chat.datasets import easyvqa, shapes
+    from vlm_chat.eval import load_eval_jsonl
 
     required = {"vqa": ("image", "question", "answer"), "pope": ("image", "question", "label")}
     extra: dict[str, Any] = {}
@@ -318,7 +245,7 @@ def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
 def _run_eval(args: argparse.Namespace, gen: dict[str, Any]) -> int:
     import json
 
-    from vlm_chat import evaluation
+    from vlm_chat import eval as evaluation
 
     if args.task == "encoder":
         return _run_eval_encoder(args)
@@ -347,7 +274,8 @@ def _run_eval_encoder(args: argparse.Namespace) -> int:
     """Zero-shot classification on easy-VQA test images and image<->text retrieval on unseen shapes-world scenes."""
     import json
 
-    from vlm_chat import easyvqa, evaluation, shapes
+    from vlm_chat import eval as evaluation
+    from vlm_chat.datasets import easyvqa, shapes
 
     path = Path(args.model or vlm_chat.DEMO_ENCODER)
     if not (path / "config.json").is_file():
@@ -398,9 +326,9 @@ def _run_caption(args: argparse.Namespace, gen: dict[str, Any]) -> int:
 
 
 def _run_serve(args: argparse.Namespace, gen: dict[str, Any]) -> int:
-    from vlm_chat.app import serve
+    from vlm_chat.serving import launch_ui
 
-    serve(
+    launch_ui(
         args.model,
         host=args.host,
         port=args.port,

@@ -93,7 +93,7 @@ def build_tiny_lm(out: Path) -> Path:
 
 def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
     """Training data (shapes world [+ easy-VQA train]) and evaluation data (easy-VQA test subset or held-out shapes)."""
-    from vlm_chat import shapes
+    from vlm_chat.datasets import shapes
 
     train_dir, eval_dir = out / "data" / "shapes_train", out / "data" / "shapes_eval"
     if not (train_dir / "manifest.json").is_file():
@@ -109,7 +109,7 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
         "eval": eval_dir,
     }
     if settings["easyvqa"]:
-        from vlm_chat import easyvqa
+        from vlm_chat.datasets import easyvqa
 
         balance, max_turns = settings.get("easyvqa_balance", False), settings.get("easyvqa_max_turns")
         name = "easyvqa_train" + ("_balanced" if balance else "") + (f"_turns{max_turns}" if max_turns else "")
@@ -149,7 +149,8 @@ def _merge_jsonl(files: list[Path], target: Path) -> Path:
 
 def evaluate_stage0(encoder_dir: Path, data: dict[str, Path], settings: dict[str, Any]) -> dict[str, Any]:
     """Zero-shot accuracy on easy-VQA's 24 test classes and caption retrieval R@k on the held-out shapes scenes."""
-    from vlm_chat import easyvqa, evaluation
+    from vlm_chat import eval as evaluation
+    from vlm_chat.datasets import easyvqa
 
     classes = easyvqa.labelled_images("test")[: settings["zero_shot_images"]]
     rows = evaluation.load_eval_jsonl(data["eval"] / "captions.jsonl", required=("image", "caption"))
@@ -168,11 +169,12 @@ def evaluate_stage0(encoder_dir: Path, data: dict[str, Path], settings: dict[str
 
 def evaluate(chat, data: dict[str, Path], settings: dict[str, Any], full: bool, captions: bool = True) -> dict[str, Any]:
     """VQA and POPE accuracy, and caption BLEU-4/CIDEr unless ``captions`` is false (long generations: ~25 s)."""
-    from vlm_chat import evaluation, shapes
+    from vlm_chat import eval as evaluation
+    from vlm_chat.datasets import shapes
 
     results: dict[str, Any] = {}
     if full:
-        from vlm_chat import easyvqa
+        from vlm_chat.datasets import easyvqa
 
         vqa = easyvqa.quick_eval_subset(settings["vqa_questions"])
         vocabulary = easyvqa.answer_vocabulary()

@@ -588,7 +588,7 @@ def pope_questions(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Writing datasets (shared with vlm_chat.easyvqa)
+# Writing datasets (shared with vlm_chat.datasets.easyvqa)
 
 
 @dataclass

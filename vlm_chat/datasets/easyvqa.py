@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import easy_vqa
 
-from vlm_chat.shapes import COLORS, SHAPES, ImageRecord, write_records
+from vlm_chat.datasets.shapes import COLORS, SHAPES, ImageRecord, write_records
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED, spl
 def build_records(
     split: str, max_turns: int | None = None, shuffle_seed: int | None = None, balance: bool = False
 ) -> list[ImageRecord]:
-    """One :class:`~vlm_chat.shapes.ImageRecord` per image of ``split``: its conversation(s), its derived caption
+    """One :class:`~vlm_chat.datasets.shapes.ImageRecord` per image of ``split``: its conversation(s), its derived caption
     (if any) and its questions as VQA rows. Image ids are ``easyvqa_<split>_<id>``.
 
     ``balance``: build the conversations from :func:`balance_yes_no`'s questions (captions and VQA rows still use
@@ -333,7 +333,7 @@ def write_easyvqa(
     balance: bool = False,
 ) -> dict[str, int]:
     """Write ``split`` in the project's formats (images, ``conversations.json``, ``captions.jsonl``, ``vqa.jsonl``)
-    with :func:`vlm_chat.shapes.write_records`; ``balance``: conversations from :func:`balance_yes_no`.
+    with :func:`vlm_chat.datasets.shapes.write_records`; ``balance``: conversations from :func:`balance_yes_no`.
 
     Returns:
         Rows written per file.
