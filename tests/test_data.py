@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 from pathlib import Path
 
+import datasets as hf_datasets
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -448,3 +450,162 @@ def test_pack_by_image_on_a_loaded_dataset(tmp_path, folder):
     assert isinstance(packed, Dataset) and packed.features == ds.features and len(packed) == 2
     # "a.png" and "./a.png" are one file: grouped.
     assert [m["content"] for m in packed[0]["messages"]] == ["<image>\nWhat color is it?", "Red.", "Shape?", "Square."]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data from the ecosystem: datasets.Dataset objects, load_dataset names and folders, metadata.jsonl conversations
+
+
+def conv_turns(q="<image>\nWhat color?", a="Red."):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def test_dataset_with_image_feature_carries_in_memory_images_as_bytes_load_image_decodes(folder):
+    from vlm_chat.images import load_image
+
+    in_memory = Image.new("RGB", (5, 3), (0, 200, 0))
+    from_file = Image.open(folder / "a.png")  # has a filename: datasets stores its path, not its bytes
+    ds = Dataset.from_dict({"image": [in_memory, from_file], "caption": ["green", "red"]})
+    assert isinstance(ds.features["image"], hf_datasets.Image)
+
+    out, report = load_captions(ds)
+    assert report.rows_read == 2 and report.skipped == 0
+    # An Arrow column has one type: both images travel as encoded bytes, the file's bytes exactly.
+    assert out.features["image"].dtype == "binary" and out["caption"] == ["green", "red"]
+    assert out[1]["image"] == (folder / "a.png").read_bytes()
+    assert np.array_equal(np.asarray(load_image(out[0]["image"])), np.asarray(in_memory))
+    assert np.array_equal(np.asarray(load_image(out[1]["image"])), np.asarray(Image.open(folder / "a.png")))
+    hash(out[0]["image"])  # the training feature cache keys on the image value
+
+    # Only files: the column stays a column of absolute paths (nothing read into memory).
+    files_only = Dataset.from_dict({"image": [str(folder / "a.png")], "caption": ["red"]}).cast_column(
+        "image", hf_datasets.Image()
+    )
+    out, _ = load_captions(files_only)
+    assert out.to_list() == [{"image": str((folder / "a.png").resolve()), "caption": "red"}]
+
+
+def test_dataset_messages_with_images_list_and_arrow_nulls(folder):
+    """TRL's vision form: ``images`` a list of Image, content parts whose missing keys Arrow fills with null."""
+    rows = [
+        {
+            "images": [Image.new("RGB", (4, 4), (9, 9, 9))],
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Q?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A."}]},
+            ],
+        },
+        {
+            "images": [],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+            ],
+        },
+    ]
+    ds = Dataset.from_list(rows)
+    out, _ = load_conversations(ds)
+    assert [m["content"] for m in out[0]["messages"]] == ["<image>\nQ?", "A."]
+    assert isinstance(out[0]["image"], bytes) and Image.open(io.BytesIO(out[0]["image"])).size == (4, 4)
+    assert out[1]["image"] is None and out[1]["messages"][1] == {"role": "assistant", "content": "Hello"}
+
+    prefs = Dataset.from_list(
+        [{"images": [Image.new("RGB", (4, 4))], "prompt": "<image>\nQ", "chosen": "yes", "rejected": "no"}]
+    )
+    out, _ = load_preferences(prefs)
+    assert out[0]["prompt"] == "<image>\nQ" and isinstance(out[0]["image"], bytes)
+
+
+def test_dataset_rows_get_the_same_checks_and_messages(folder):
+    ds = Dataset.from_dict(
+        {
+            "id": ["a", "b", "c"],
+            "image": ["a.png", "../secret.png", "sub/b.png"],
+            "conversations": [conv_turns(), conv_turns(), conv_turns(a="  ")],
+        }
+    )
+    # Path strings in a dataset are relative to an image folder, which an in-memory dataset does not have.
+    with pytest.raises(DataError, match=r"Dataset \(3 rows\): 'image' holds the path 'a.png'.*pass image_folder="):
+        load_conversations(ds)
+    with pytest.raises(DataError) as info:
+        load_conversations(ds, image_folder=folder)
+    assert (info.value.reason, info.value.row, info.value.line, info.value.row_id) == ("path_escape", 1, None, "b")
+    assert str(info.value).startswith("Dataset (3 rows), row 1 (id 'b'): image path '../secret.png' resolves outside")
+    out, report = load_conversations(ds, image_folder=folder, skip_bad_rows=True)
+    assert out["image"] == [str((folder / "a.png").resolve())] and report.counts == {"path_escape": 1, "empty_text": 1}
+
+    # Bytes that are no image, a null caption (Arrow's form of a missing field), a missing column.
+    bad = Dataset.from_dict({"image": [b"not a png", (folder / "a.png").read_bytes()], "caption": ["x", None]})
+    with pytest.raises(
+        DataError, match=r"row 0: the in-memory image in 'image' \(9 bytes\) cannot be read.*unreadable"
+    ):
+        load_captions(bad)
+    out, report = load_captions(bad, skip_bad_rows=True)
+    assert len(out) == 0 and report.counts == {"unreadable_image": 1, "missing_field": 1}
+    with pytest.raises(DataError, match=r"captions need a 'caption' or 'text' column; the dataset has \['image'\]"):
+        load_captions(Dataset.from_dict({"image": ["a.png"]}), image_folder=folder)
+
+
+def test_dataset_image_feature_paths_are_held_to_an_explicit_image_folder(tmp_path, folder):
+    image = hf_datasets.Image()
+    ds = Dataset.from_dict({"image": [str(folder / "a.png"), str(tmp_path / "secret.png")], "caption": ["a", "b"]})
+    ds = ds.cast_column("image", image)
+    out, _ = load_captions(ds)  # no folder named: the files datasets itself would open
+    assert [Path(p).name for p in out["image"]] == ["a.png", "secret.png"]
+    with pytest.raises(DataError, match=r"row 1: image path '.*secret.png' resolves outside .*\[path_escape\]"):
+        load_captions(ds, image_folder=folder)
+
+
+def test_load_dataset_names_and_folders(tmp_path, folder):
+    cache = {"cache_dir": str(tmp_path / "hf_cache")}
+    # datasets' own imagefolder builder, by name: images come back as paths in the folder.
+    write_jsonl(
+        folder / "metadata.jsonl", [{"file_name": "a.png", "text": "red"}, {"file_name": "sub/b.png", "text": "gray"}]
+    )
+    out, _ = load_captions("imagefolder", dataset_kwargs={"data_dir": str(folder), **cache})
+    assert sorted(zip((Path(p).name for p in out["image"]), out["caption"])) == [("a.png", "red"), ("b.png", "gray")]
+
+    # A local folder of JSONL that datasets reads (no metadata.jsonl): path strings are relative to that folder.
+    local = tmp_path / "local"
+    local.mkdir()
+    write_jsonl(local / "train.jsonl", [{"image": "a.png", "conversations": conv_turns()}])
+    Image.new("RGB", (3, 3)).save(local / "a.png")
+    out, _ = load_conversations(local, dataset_kwargs=cache)
+    assert out["image"] == [str((local / "a.png").resolve())]
+
+    # A save_to_disk folder (a DatasetDict: the split is picked), in-memory images kept through the round trip.
+    saved = tmp_path / "saved"
+    hf_datasets.DatasetDict(
+        {"train": Dataset.from_dict({"image": [Image.new("RGB", (2, 2))], "caption": ["tiny"]})}
+    ).save_to_disk(saved)
+    out, _ = load_captions(saved)
+    assert out["caption"] == ["tiny"] and isinstance(out[0]["image"], bytes)
+    with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'; pass split="):
+        load_captions(saved, split="test")
+
+    # A hub name offline: a clear error naming what was tried, not a traceback from deep inside datasets.
+    with pytest.raises(DataError, match=r"no such file or folder, and datasets.load_dataset\('someone/nothing'"):
+        load_conversations("someone/nothing", dataset_kwargs=cache)
+    with pytest.raises(DataError, match=r"nowhere\.jsonl: data file not found"):
+        load_conversations("nowhere.jsonl")
+
+
+def test_conversations_and_preferences_from_an_image_folder_with_metadata(folder):
+    write_jsonl(
+        folder / "metadata.jsonl",
+        [
+            {"file_name": "a.png", "conversations": conv_turns()},
+            {"file_name": "../secret.png", "conversations": conv_turns()},
+        ],
+    )
+    with pytest.raises(DataError, match=r"metadata\.jsonl, row 1 \(line 2\): image path '../secret.png'.*path_escape"):
+        load_conversations(folder)
+    out, report = load_conversations(folder, skip_bad_rows=True)
+    assert out["image"] == [str((folder / "a.png").resolve())] and report.counts == {"path_escape": 1}
+
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": "sub/b.png", "prompt": "Q", "chosen": "A", "rejected": "B"}])
+    out, _ = load_preferences(folder)
+    assert out[0]["image"] == str((folder / "sub" / "b.png").resolve())
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": "a.png", "image": "a.png", "conversations": conv_turns()}])
+    with pytest.raises(DataError, match="row has both 'image' and 'file_name'"):
+        load_conversations(folder)

@@ -211,7 +211,8 @@ class ImageResolver:
             value = EncodedImage(bytes(value), None)
         if isinstance(value, EncodedImage):
             if value.data is not None:
-                return self._cached(value.data, lambda: self._check_bytes(value.data, field_name))
+                self._cached(value.data, lambda: self._check_bytes(value.data, field_name))
+                return value.data
             if not isinstance(value.path, str) or not value.path:
                 raise BadRow("missing_field", f"{field_name!r} holds an image with neither bytes nor a path")
             if not self.contain_features:
