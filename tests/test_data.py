@@ -609,3 +609,19 @@ def test_conversations_and_preferences_from_an_image_folder_with_metadata(folder
     write_jsonl(folder / "metadata.jsonl", [{"file_name": "a.png", "image": "a.png", "conversations": conv_turns()}])
     with pytest.raises(DataError, match="row has both 'image' and 'file_name'"):
         load_conversations(folder)
+
+
+def test_jsonl_whose_first_row_is_a_list_is_still_jsonl(tmp_path, folder):
+    path = tmp_path / "c.jsonl"
+    path.write_text("[1, 2]\n" + json.dumps(llava(1)) + "\n")
+    with pytest.raises(DataError) as info:
+        load_conversations(path, image_folder=folder)
+    assert (info.value.row, info.value.line, info.value.reason) == (0, 1, "wrong_type")
+    ds, report = load_conversations(path, image_folder=folder, skip_bad_rows=True)
+    assert len(ds) == 1 and report.counts == {"wrong_type": 1}
+    # A one-line array is an array; a broken one is still a file error.
+    path.write_text("[" + json.dumps(llava(0)) + ", " + json.dumps(llava(1)) + "]\n")
+    assert len(load_conversations(path, image_folder=folder)[0]) == 2
+    path.write_text("[\n" + json.dumps(llava(0)) + ",\n]\n")
+    with pytest.raises(DataError, match=r"c\.jsonl: malformed JSON at line 3"):
+        load_conversations(path, image_folder=folder, skip_bad_rows=True)

@@ -90,7 +90,9 @@ def iter_file_rows(file: Path) -> Iterator[Row]:
         file: The data file.
 
     Returns:
-        An iterator of :class:`Row`; a JSONL line that does not parse is a row with ``parse_error`` set.
+        An iterator of :class:`Row`; a JSONL line that does not parse is a row with ``parse_error`` set. A file whose
+        first character is ``[`` is a JSON array, unless its first line is a whole JSON value followed by more lines
+        (JSONL whose first row is a list).
 
     Raises:
         DataError: The file is missing, a directory, not UTF-8, or a malformed JSON array (which cannot be
@@ -104,12 +106,20 @@ def iter_file_rows(file: Path) -> Iterator[Row]:
                 try:
                     rows = json.load(f)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from e
+                    # "Extra data" after a first line that parses on its own: JSONL whose first row is a list (a bad
+                    # row, not a broken file). Anything else cannot be resynchronized row by row.
+                    if e.msg != "Extra data" or not _first_line_parses(f):
+                        raise DataError(
+                            f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}", file=file
+                        ) from e
+                    rows = None
                 except RecursionError as e:
                     raise DataError("malformed JSON: nested too deeply to parse", file=file) from e
-                for i, value in enumerate(rows):
-                    yield Row(i, None, value)
-                return
+                if rows is not None:
+                    for i, value in enumerate(rows):
+                        yield Row(i, None, value)
+                    return
+                f.seek(0)
             index = 0
             for lineno, text in enumerate(f, start=1):
                 if not text.strip():
@@ -129,6 +139,18 @@ def iter_file_rows(file: Path) -> Iterator[Row]:
         raise DataError("data file not found", file=file) from e
     except IsADirectoryError as e:
         raise DataError("is a directory, expected a JSON or JSONL file", file=file) from e
+
+
+def _first_line_parses(f) -> bool:
+    f.seek(0)
+    for text in f:
+        if text.strip():
+            try:
+                json.loads(text)
+            except (json.JSONDecodeError, RecursionError):
+                return False
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------------------
