@@ -625,3 +625,18 @@ def test_jsonl_whose_first_row_is_a_list_is_still_jsonl(tmp_path, folder):
     path.write_text("[\n" + json.dumps(llava(0)) + ",\n]\n")
     with pytest.raises(DataError, match=r"c\.jsonl: malformed JSON at line 3"):
         load_conversations(path, image_folder=folder, skip_bad_rows=True)
+
+
+def test_paths_the_file_system_cannot_take_are_bad_rows(tmp_path, folder):
+    # Each of these raised OSError, UnicodeEncodeError or RecursionError before the fuzz tests found them.
+    rows = [
+        {"image": "a" * 300 + ".png", "caption": "too long a name"},
+        {"image": "\ud800.png", "caption": "a lone surrogate"},
+        {"image": "a.png", "caption": "fine"},
+    ]
+    path = write_jsonl(tmp_path / "caps.jsonl", rows)
+    with pytest.raises(DataError, match=r"row 0 \(line 1\): image 'a{300}\.png' cannot be looked up.*\[missing_image\]"):
+        load_captions(path, folder)
+    ds, report = load_captions(path, folder, skip_bad_rows=True)
+    assert ds["caption"] == ["fine"] and report.counts == {"missing_image": 1, "wrong_type": 1}
+    assert "row 1 (line 2): 'image' is not a usable file name" in report.examples[1]
