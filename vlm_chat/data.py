@@ -369,11 +369,12 @@ def _strip_marker(text: str) -> str:
 def pack_by_image(records: Dataset | Iterable[dict], max_turns: int | None = None) -> Dataset | list[dict]:
     """Merge conversations about the same image into multi-turn conversations, so the image is encoded once.
 
-    Records are grouped by ``image`` (an absolute path, so two spellings of one file group together). A group takes
-    the place of its first record; inside it the records keep their order, so the result is deterministic and
-    independent of hashing. Text-only records (``image`` is ``None``) stay as they are. The first record's
-    ``<image>`` marker stays; later records' markers are removed (one image, one marker). A record whose first user
-    turn is nothing but the marker (an image-only question) cannot follow another one and starts a new conversation.
+    Records are grouped by ``image`` (an absolute path, so two spellings of one file group together; or an in-memory
+    image's bytes, so identical images group together). A group takes the place of its first record; inside it the
+    records keep their order, so the result is deterministic and independent of hashing. Text-only records (``image``
+    is ``None``) stay as they are. The first record's ``<image>`` marker stays; later records' markers are removed
+    (one image, one marker). A record whose first user turn is nothing but the marker (an image-only question)
+    cannot follow another one and starts a new conversation.
 
     Args:
         records: Conversation records (``{"image", "messages"}``), a list or a ``Dataset`` from
