@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -212,18 +211,21 @@ def test_cli_export(tiny_clip_dir, tiny_llama_dir, tmp_path, capsys):
     assert main(["export", "--format", "llava", "--model", str(perceiver), str(tmp_path / "p")]) == 2
     assert "perceiver mapper has no Llava counterpart" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+    assert main(["export", "--format", "merged", "--model", str(ckpt), str(ckpt)]) == 2
+    assert "is the checkpoint this model was loaded from" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--model", str(ckpt), str(tmp_path / "q")])
     assert exit_.value.code == 2
     assert "--format" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the real SmolLM2-135M: ~105 CPU-seconds (a 540 MB write, two models decoding 5 x 24 tokens)
 def test_demo_model_exports_with_identical_greedy_text(tmp_path):
     import vlm_chat
     from vlm_chat import VLMChat
 
     chat = VLMChat.from_pretrained(vlm_chat.DEMO_MODEL, device="cpu")
-    start = time.perf_counter()
-    report = chat.export(tmp_path / "demo_llava", format="llava", max_new_tokens=16)
+    report = chat.export(tmp_path / "demo_llava", format="llava")
     assert report["greedy_equal"] == report["probes"] == 5
-    assert time.perf_counter() - start < 600
+    assert report["max_logit_diff"] <= report["logit_tolerance"]
+    assert (tmp_path / "demo_llava" / "model.safetensors").stat().st_size > 500e6  # the full LLM, not a reference

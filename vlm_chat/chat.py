@@ -227,6 +227,9 @@ class VLMChat:
 
         if format not in FORMATS:
             raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(FORMATS)}")
+        if self._source_dir is not None and Path(path).resolve() == Path(self._source_dir).resolve():
+            raise ValueError(f"export target {path} is the checkpoint this model was loaded from; choose another "
+                             "directory (the export would replace the checkpoint)")
         if format == "llava":
             return export_llava(self, path, card=card, **check)
         if check:

@@ -322,6 +322,9 @@ def export_llava(chat, path: str | os.PathLike, card: str | None = None,
                                                       "bos_token_id": chat.processor.tokenizer.bos_token_id})
         llava.save_pretrained(tmp)
         del llava
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # what this process's umask gives a new file
+        for weights in tmp.glob("*.safetensors"):  # written owner-only (a private temp file renamed into place)
+            weights.chmod(mode)
         llava_processor(chat).save_pretrained(tmp)
         report = verify_llava_export(chat, tmp, probes, max_new_tokens)
         body = (f"## Export check\n\nReloaded with transformers alone and compared with the source vlm-chat model on "
