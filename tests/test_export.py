@@ -190,6 +190,8 @@ def test_unknown_format_and_merged_default(tiny_clip_dir, tiny_smollm2_dir, tmp_
     with pytest.raises(ValueError, match="unknown export format 'gguf'; valid formats: merged, llava"):
         chat.export(tmp_path / "x", format="gguf")
     assert chat.export(tmp_path / "merged") is None  # the default format: a vlm-chat checkpoint, LoRA merged
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"- language model: `{tiny_smollm2_dir}`, LoRA merged" in card  # the source LLM, not the lm/ copy
     loaded = VLMChat.from_pretrained(tmp_path / "merged", device="cpu")
     assert loaded.config.lm.use_lora is False
     image = make_image()

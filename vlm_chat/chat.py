@@ -298,7 +298,11 @@ class VLMChat:
                 # Only the trained adapter: DPO holds a frozen reference copy under another name.
                 lm.save_pretrained(tmp / _ADAPTER_DIR, save_embedding_layers=False, selected_adapters=["default"])
             config.save(tmp / "config.json")
-            (tmp / "README.md").write_text(card or model_card(config, "merged" if merge else "checkpoint"))
+            card_config = config
+            if merge:  # the card names the LLM the merged copy came from, not the "lm" directory it now is
+                card_config = copy.deepcopy(config)
+                card_config.lm = copy.deepcopy(self.config.lm)
+            (tmp / "README.md").write_text(card or model_card(card_config, "merged" if merge else "checkpoint"))
         logger.info("saved %s to %s", "merged model" if merge else "checkpoint", path)
 
     def _save_vision(self, target: Path, config: VLMConfig) -> None:
