@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, TextIteratorStreamer
 
 from vlm_chat.atomic import atomic_directory, recover
+from vlm_chat.card import model_card
 from vlm_chat.config import FORMAT_VERSION, LMConfig, MapperConfig, VisionConfig, VLMConfig
 from vlm_chat.images import ImageLike, load_image
 from vlm_chat.language import load_lm, load_tokenizer, resolve_dtype
@@ -201,9 +202,77 @@ class VLMChat:
         """
         self._write(Path(path), merge=False, card=card)
 
-    def export(self, path: str | os.PathLike, card: str | None = None) -> None:
-        """Write a standalone directory with the LoRA adapter merged into a full copy of the LLM."""
+    def export(self, path: str | os.PathLike, format: str = "merged", card: str | None = None,
+               **check: Any) -> dict[str, Any] | None:
+        """Write a standalone copy of the model with the LoRA adapter merged.
+
+        Args:
+            path: Target directory (written atomically: replaced only when complete, and for ``llava`` only when the
+                check passes).
+            format: ``merged`` (default): a vlm-chat checkpoint holding a full copy of the LLM, loaded with
+                :meth:`from_pretrained`. ``llava``: a transformers ``LlavaForConditionalGeneration`` checkpoint that
+                ``AutoModelForImageTextToText`` / ``AutoProcessor`` load without vlm-chat, reloaded and compared with
+                this model on probe inputs before it is published (see :mod:`vlm_chat.export`).
+            card: Model card text (``README.md``); a default one is written if not given.
+            **check: ``llava`` only: ``probes`` and ``max_new_tokens`` of :func:`vlm_chat.export.verify_llava_export`.
+
+        Returns:
+            ``llava``: the check's report (probes, greedy_equal, max_logit_diff, seconds, ...); ``merged``: None.
+
+        Raises:
+            ValueError: unknown format, or a model Llava cannot express (the message says why and what to do).
+            vlm_chat.export.ExportCheckError: the Llava export does not answer as this model (nothing is written).
+        """
+        from vlm_chat.export import FORMATS, export_llava
+
+        if format not in FORMATS:
+            raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(FORMATS)}")
+        if self._source_dir is not None and Path(path).resolve() == Path(self._source_dir).resolve():
+            raise ValueError(f"export target {path} is the checkpoint this model was loaded from; choose another "
+                             "directory (the export would replace the checkpoint)")
+        if format == "llava":
+            return export_llava(self, path, card=card, **check)
+        if check:
+            raise TypeError(f"export(format='merged') takes no check options, got {', '.join(sorted(check))}")
         self._write(Path(path), merge=True, card=card)
+        return None
+
+    def push_to_hub(self, repo_id: str, format: str = "checkpoint", *, private: bool | None = None,
+                    token: str | None = None, commit_message: str | None = None, card: str | None = None):
+        """Upload this model to the Hugging Face Hub, as a checkpoint or an export.
+
+        The directory is written to a temporary folder (as :meth:`save_pretrained` / :meth:`export` write it) and
+        uploaded with ``huggingface_hub``; offline (``HF_HUB_OFFLINE``) the call fails before anything is written.
+
+        Args:
+            repo_id: ``owner/name`` of the model repo (created if missing).
+            format: ``checkpoint`` (vlm-chat's own directory), ``merged`` or ``llava`` (see :meth:`export`).
+            private: Visibility of a newly created repo (None: the account's default).
+            token: Hub token (None: the logged-in one).
+            commit_message: Message of the upload commit.
+            card: Model card text; default: the format's own card.
+
+        Returns:
+            huggingface_hub's ``CommitInfo`` of the upload.
+
+        Raises:
+            ConnectionError: the Hub is off (``HF_HUB_OFFLINE``); nothing was written or uploaded.
+            ValueError: bad ``repo_id`` or ``format``.
+        """
+        import tempfile
+
+        from vlm_chat.export import FORMATS, check_can_upload, upload_folder
+
+        if format != "checkpoint" and format not in FORMATS:
+            raise ValueError(f"unknown push format {format!r}; valid: checkpoint, {', '.join(FORMATS)}")
+        check_can_upload(repo_id)
+        with tempfile.TemporaryDirectory(prefix="vlm-chat-push-") as tmp:
+            folder = Path(tmp) / repo_id.split("/")[-1]
+            if format == "checkpoint":
+                self.save_pretrained(folder, card=card)
+            else:
+                self.export(folder, format=format, card=card)
+            return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     def _write(self, path: Path, merge: bool, card: str | None) -> None:
         with atomic_directory(path) as tmp:
@@ -229,7 +298,11 @@ class VLMChat:
                 # Only the trained adapter: DPO holds a frozen reference copy under another name.
                 lm.save_pretrained(tmp / _ADAPTER_DIR, save_embedding_layers=False, selected_adapters=["default"])
             config.save(tmp / "config.json")
-            (tmp / "README.md").write_text(card or self._default_card(config))
+            card_config = config
+            if merge:  # the card names the LLM the merged copy came from, not the "lm" directory it now is
+                card_config = copy.deepcopy(config)
+                card_config.lm = copy.deepcopy(self.config.lm)
+            (tmp / "README.md").write_text(card or model_card(card_config, "merged" if merge else "checkpoint"))
         logger.info("saved %s to %s", "merged model" if merge else "checkpoint", path)
 
     def _save_vision(self, target: Path, config: VLMConfig) -> None:
@@ -244,14 +317,8 @@ class VLMChat:
 
     @staticmethod
     def _default_card(config: VLMConfig) -> str:
-        return (
-            "# vlm-chat model\n\n"
-            f"- vision tower: `{config.vision.name_or_path}` (layer {config.vision.feature_layer}, frozen)\n"
-            f"- mapper: `{config.mapper.kind}` -> {config.num_image_tokens} visual tokens per image\n"
-            f"- language model: `{config.lm.name_or_path}`"
-            f"{' + LoRA r=' + str(config.lm.lora_r) if config.lm.use_lora else ''}\n\n"
-            "Load with `VLMChat.from_pretrained(path)`.\n"
-        )
+        # Kept for vlm_chat/training/stages.py until it calls vlm_chat.card.model_card itself.
+        return model_card(config)
 
     # ------------------------------------------------------------------------------------------------ inference
     def _inputs(self, images: list[ImageLike | None], prompts: list[str],

@@ -202,7 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="questions per generate_batch call")
     ev.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the task's own")
     ev.add_argument("--output", metavar="FILE", default=None, help="write the full results (with predictions) as JSON")
+    ex = sub.add_parser(
+        "export",
+        parents=[model],
+        help="write a standalone copy: a transformers Llava checkpoint, or a LoRA-merged vlm-chat one",
+        description="Export a model. llava: a LlavaForConditionalGeneration checkpoint that transformers loads without "
+        "vlm-chat, reloaded and compared with the source on probe prompts before it is published (a difference "
+        "fails the command); merged: a vlm-chat checkpoint with the LoRA merged into a full copy of the LLM.",
+    )
+    ex.add_argument("--format", choices=("llava", "merged"), required=True, help="what to write")
+    ex.add_argument("output", metavar="OUT", help="directory to write (replaced only when complete and checked)")
     return parser
+
+
+def _run_export(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+    chat = load_model(args.model)
+    report = chat.export(args.output, format=args.format)
+    if report is None:
+        print(f"wrote {args.output} (merged)")
+    else:
+        print(f"wrote {args.output} (llava): greedy text equal on {report['greedy_equal']}/{report['probes']} probes, "
+              f"largest logit difference {report['max_logit_diff']:.3g}, {report['seconds']:.1f} s")
+    return 0
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
@@ -368,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.manual_seed(args.seed)
     runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve, "eval": _run_eval}
+    runners["export"] = _run_export
     try:
-        # eval decodes greedily (the evaluate_* defaults) and has no sampling flags.
-        gen = {} if args.command == "eval" else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
+        # eval decodes greedily (the evaluate_* defaults) and has no sampling flags; export has no generation at all.
+        no_gen = args.command in ("eval", "export")
+        gen = {} if no_gen else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
         resolve_model_dir(args.model)  # fail before the slow imports if there is no model to load
         return runners[args.command](args, gen)
     except (UsageError, FileNotFoundError, ValueError, TypeError) as e:

@@ -77,6 +77,12 @@ def load_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtyp
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
         lm = get_peft_model(lm, lora)
+    if isinstance(lm, PeftModel):
+        # PEFT records the base as the model config's name: our offline alias, or a path relative to wherever the
+        # process ran. The saved adapter_config.json should name something peft.AutoPeftModelForCausalLM can open.
+        base = str(Path(path).resolve()) if Path(path).is_dir() else path
+        for peft_cfg in lm.peft_config.values():
+            peft_cfg.base_model_name_or_path = base
     return lm
 
 
