@@ -10,6 +10,7 @@ the server's generation defaults; the UI's Settings panel only affects the UI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -216,9 +217,12 @@ class ChatHandlers:
         # the state already holds the whole turn, so Retry can take it again if generation fails.
         yield _display([*history, user]), turns(text)
         try:
-            for piece in self.chat.stream(image, question, history=history or None, **gen):
-                text += piece
-                yield _display(turns(text)), turns(text)
+            # closing(): when Gradio closes this generator (the page was closed, the client disconnected, the event
+            # was cancelled), the model's stream is closed with it, which stops generation at the next token.
+            with contextlib.closing(self.chat.stream(image, question, history=history or None, **gen)) as pieces:
+                for piece in pieces:
+                    text += piece
+                    yield _display(turns(text)), turns(text)
         except (ValueError, TypeError) as e:
             raise _user_error(f"The model refused this request: {e}", title="Generation failed") from e
         if not text:
@@ -232,8 +236,9 @@ class ChatHandlers:
             ``(chatbot messages, new turns, "")``; the empty string clears the question box.
         """
         question = _clean_question(question)
-        for chatbot, state in self._stream_turn(image_path, question, turns, max_new_tokens, temperature, top_p):
-            yield chatbot, state, ""
+        with contextlib.closing(self._stream_turn(image_path, question, turns, max_new_tokens, temperature, top_p)) as up:
+            for chatbot, state in up:
+                yield chatbot, state, ""
 
     def retry(self, image_path, turns, max_new_tokens, temperature, top_p) -> Iterator[tuple]:
         """Chat tab, Retry: answer the last question again (differently only when sampling).
