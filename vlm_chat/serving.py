@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -248,15 +249,22 @@ class Batcher:
     Greedy answers are the same as one at a time (`VLMChat.generate_batch`'s guarantee); each row stops on its own
     stop token, stop string, budget or cancellation, and the batch ends with its last live row.
 
+    Clients that loop (answer, next question) come back just after their batch ends, one by one; taking only the
+    first of them would split them into a batch of one and a batch of the rest, again and again. So while fewer
+    requests wait than the last batch had, the batcher waits up to ``gather_s`` for the others. A lone client never
+    waits (its last batch had one row).
+
     Args:
         chat: The model.
         max_batch_size: Largest batch.
+        gather_s: Longest wait for the rest of the last batch's clients to come back.
     """
 
-    def __init__(self, chat: VLMChat, max_batch_size: int = 8):
+    def __init__(self, chat: VLMChat, max_batch_size: int = 8, gather_s: float = 0.05):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.chat, self.max_batch_size = chat, max_batch_size
+        self.chat, self.max_batch_size, self.gather_s = chat, max_batch_size, gather_s
+        self._last_rows = 0
         self._pending: deque[GenerationRequest] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -291,12 +299,19 @@ class Batcher:
         with self._cv:
             while not self._pending and not self._closed:
                 self._cv.wait()
+            key = self._pending[0].group_key() if self._pending else None
+            want = min(self.max_batch_size, self._last_rows)
+            deadline = time.monotonic() + self.gather_s
+            while not self._closed and sum(r.group_key() == key for r in self._pending) < want:
+                if (left := deadline - time.monotonic()) <= 0:
+                    break
+                self._cv.wait(left)
             if self._closed:
                 return None
-            key = self._pending[0].group_key()
             group = [r for r in self._pending if r.group_key() == key][: self.max_batch_size]
             for r in group:
                 self._pending.remove(r)
+            self._last_rows = len(group)
             return group
 
     def _loop(self) -> None:
