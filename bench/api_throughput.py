@@ -12,7 +12,9 @@ questions (a seeded sample, each with its image as a data URL) with the official
 
 It reports requests/s of each, the speed-up of 2 over 1 (goal >= 3x), p50/p95 latency (and time to the first piece
 when streaming), the batch sizes the server ran, failures, and whether every concurrent and streamed answer equals the
-sequential one for the same question. Results: docs/api.md and docs/reliability.md, "Serving under load".
+sequential one for the same question; and, as the ceiling of what batching can give on this machine, ``clients``
+questions through ``VLMChat.generate`` one at a time vs one ``generate_batch`` call, without the server.
+Results: docs/reliability.md, "Serving under load".
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
 import os
 import platform
 import random
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,32 +72,41 @@ def _ask(client, model: str, url: str, question: str, max_tokens: int, stream: b
     return "".join(pieces), elapsed, first if first is not None else elapsed
 
 
-def _phase(make_client, model: str, work: list[list[tuple[str, str]]], max_tokens: int, stream: bool) -> dict:
-    """Run each list of ``work`` in its own thread (one client each); answers keyed by (client, index)."""
-    answers, latencies, firsts, failures = {}, [], [], []
-    lock = threading.Lock()
+def _client_run(base_url: str, model: str, work: list[tuple[str, str]], max_tokens: int, stream: bool) -> dict:
+    """One client's requests, one after another (run in its own process, as real clients are)."""
+    import openai
 
-    def client_run(k: int) -> None:
-        client = make_client()
-        for i, (url, question) in enumerate(work[k]):
-            try:
-                text, elapsed, first = _ask(client, model, url, question, max_tokens, stream)
-            except Exception as e:  # counted and reported: a failure is a result here, not a crash
-                with lock:
-                    failures.append(f"client {k} request {i}: {e!r}")
-                continue
-            with lock:
-                answers[(k, i)] = text
-                latencies.append(elapsed)
-                firsts.append(first)
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    out: dict = {"answers": {}, "latencies": [], "firsts": [], "failures": []}
+    for i, (url, question) in enumerate(work):
+        try:
+            text, elapsed, first = _ask(client, model, url, question, max_tokens, stream)
+        except Exception as e:  # counted and reported: a failure is a result here, not a crash
+            out["failures"].append(f"request {i}: {e!r}")
+            continue
+        out["answers"][i] = text
+        out["latencies"].append(elapsed)
+        out["firsts"].append(first)
+    return out
 
-    threads = [threading.Thread(target=client_run, args=(k,)) for k in range(len(work))]
+
+def _warm(_: int) -> None:
+    import openai  # noqa: F401  (the import is the warm-up)
+
+    time.sleep(0.5)  # keep this worker busy so that the pool starts all of them
+
+
+def _phase(pool, base_url: str, model: str, work: list[list[tuple[str, str]]], max_tokens: int,
+           stream: bool) -> dict:
+    """Each list of ``work`` is one client (a process of ``pool``); answers keyed by (client, index)."""
     start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    runs = [pool.submit(_client_run, base_url, model, w, max_tokens, stream) for w in work]
+    runs = [r.result() for r in runs]
     wall = time.perf_counter() - start
+    answers = {(k, i): a for k, r in enumerate(runs) for i, a in r["answers"].items()}
+    latencies = [x for r in runs for x in r["latencies"]]
+    firsts = [x for r in runs for x in r["firsts"]]
+    failures = [f"client {k} {f}" for k, r in enumerate(runs) for f in r["failures"]]
     done = len(latencies)
     return {
         "requests": done, "failures": failures, "wall_s": round(wall, 2), "requests_per_s": round(done / wall, 3),
@@ -105,6 +118,33 @@ def _phase(make_client, model: str, work: list[list[tuple[str, str]]], max_token
     }
 
 
+def _library_ceiling(chat, qs: list[tuple[str, str]], batch: int, max_tokens: int) -> dict:
+    """What batching gains without any server: ``batch`` questions one at a time vs one `generate_batch` call.
+
+    Runs in a worker thread, as the server's batcher does (on a busy CPU, torch in the main thread was much slower).
+    """
+    from vlm_chat.images import load_image
+
+    images = [load_image(base64.b64decode(url.split(",", 1)[1])) for url, _ in qs[:batch]]
+    questions = [q for _, q in qs[:batch]]
+    out: dict = {}
+
+    def work() -> None:
+        start = time.perf_counter()
+        alone = [chat.generate(i, q, max_new_tokens=max_tokens) for i, q in zip(images, questions)]
+        out["one_at_a_time_s"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        batched = chat.generate_batch(images, questions, max_new_tokens=max_tokens)
+        out["one_batch_s"] = round(time.perf_counter() - start, 2)
+        out["speedup"] = round(out["one_at_a_time_s"] / out["one_batch_s"], 2)
+        out["equal"] = alone == batched
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return out
+
+
 def measure(model: str | None = None, clients: int = 8, requests: int = 3, max_tokens: int = 8, seed: int = 0,
             streaming: bool = True) -> dict:
     """Run the three phases on one server; see the module docstring.
@@ -112,7 +152,6 @@ def measure(model: str | None = None, clients: int = 8, requests: int = 3, max_t
     Returns:
         A dict of results (JSON-ready once ``answers`` are dropped).
     """
-    import openai
     import torch
 
     from vlm_chat.api import RunningServer, create_app
@@ -123,23 +162,26 @@ def measure(model: str | None = None, clients: int = 8, requests: int = 3, max_t
     server = RunningServer(app, port=0)
     batcher = app.state.batcher
 
-    def make_client():
-        return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
-
     qs = _questions(clients * requests, seed)
     per_client = [qs[k * requests:(k + 1) * requests] for k in range(clients)]
+    base_url = f"{server.url}/v1"
+    # Clients in their own processes: threads here would share the server's GIL and skew what is measured.
+    pool = ProcessPoolExecutor(max_workers=clients, mp_context=multiprocessing.get_context("spawn"))
     try:
-        _ask(make_client(), "bench", *qs[0], max_tokens, False)  # warm-up, not timed
+        list(pool.map(_warm, range(clients)))
+        _client_run(base_url, "bench", qs[:1], max_tokens, False)  # warm-up of the model, not timed
         results = {}
         phases = [("sequential", [qs], False), ("concurrent", per_client, False)]
         if streaming:
             phases.append(("streaming", per_client, True))
         for name, work, stream in phases:
             first_batch = len(batcher.batch_sizes)
-            results[name] = _phase(make_client, "bench", work, max_tokens, stream)
+            results[name] = _phase(pool, base_url, "bench", work, max_tokens, stream)
             sizes = batcher.batch_sizes[first_batch:]
             results[name]["batch_sizes"] = {str(b): sizes.count(b) for b in sorted(set(sizes))}
+        results["library_batch_ceiling"] = _library_ceiling(chat, qs, clients, max_tokens)
     finally:
+        pool.shutdown()
         server.stop()
     lone = {qs[i]: a for (_, i), a in results["sequential"]["answers"].items()}
     for name in ("concurrent", "streaming"):
@@ -148,7 +190,7 @@ def measure(model: str | None = None, clients: int = 8, requests: int = 3, max_t
             results[name]["equal_to_sequential"] = sum(got[(k, i)] == lone.get(per_client[k][i])
                                                        for (k, i) in got)
     for r in results.values():
-        r.pop("answers")
+        r.pop("answers", None)
     seq = results["sequential"]["requests_per_s"]
     return {
         "command": "python bench/api_throughput.py " + " ".join(sys.argv[1:]),

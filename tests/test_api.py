@@ -270,3 +270,37 @@ def test_a_client_that_times_out_frees_the_model(client, server, monkeypatch):
         ask(impatient, [user("Go on and on.", make_image())], max_tokens=400)
     abandoned = jobs[0].future.result(timeout=30)
     assert abandoned.finish_reason == "cancelled" and abandoned.completion_tokens < 400, abandoned
+
+
+def test_the_cli_serves_the_api(chat, tmp_path):
+    """``vlm-chat api --model DIR --port P`` as a user runs it: the model is listed under its directory's name."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "my_model"
+    chat.save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vlm_chat.cli", "api", "--model", str(model_dir), "--port",
+                             str(port)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        assert [m["id"] for m in models["data"]] == ["my_model"]
+        reply = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="my_model", messages=[{"role": "user", "content": "Hello there"}], max_tokens=MAX)
+        assert reply.choices[0].message.content == chat.generate(None, "Hello there", max_new_tokens=MAX)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

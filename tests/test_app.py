@@ -294,3 +294,16 @@ def test_a_client_leaving_mid_stream_does_not_hold_up_the_next_one(server, chat,
     waited = time.perf_counter() - start
     assert lengths[0] < 50, lengths  # the abandoned generation stopped soon after the client left, not at 300
     assert waited < 0.25 * 290 * per_token, (waited, per_token)
+
+
+def test_stream_stop_event_ends_the_answer_early(chat, images, monkeypatch):
+    lengths = _count_generated(chat, monkeypatch)
+    stop = threading.Event()
+    pieces = []
+    for piece in chat.stream(images["red"], "Go on and on.", max_new_tokens=300, do_sample=False, stop_event=stop):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            stop.set()  # e.g. a Stop button: the pieces so far stay, generation ends at the next token
+    assert len(lengths) == 1 and lengths[0] < 20, lengths  # not the 300 asked for
+    # The streamed text is exactly the answer of that many tokens: nothing lost, nothing extra.
+    assert "".join(pieces) == chat.generate(images["red"], "Go on and on.", max_new_tokens=lengths[0])

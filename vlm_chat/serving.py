@@ -251,8 +251,9 @@ class Batcher:
 
     Clients that loop (answer, next question) come back just after their batch ends, one by one; taking only the
     first of them would split them into a batch of one and a batch of the rest, again and again. So while fewer
-    requests wait than the last batch had, the batcher waits up to ``gather_s`` for the others. A lone client never
-    waits (its last batch had one row).
+    requests wait than the last batch had, the batcher waits for the others, up to a quarter of the last batch's
+    duration and at most ``gather_s`` (a small share of the work on any device). A lone client never waits (its last
+    batch had one row).
 
     Args:
         chat: The model.
@@ -260,11 +261,11 @@ class Batcher:
         gather_s: Longest wait for the rest of the last batch's clients to come back.
     """
 
-    def __init__(self, chat: VLMChat, max_batch_size: int = 8, gather_s: float = 0.05):
+    def __init__(self, chat: VLMChat, max_batch_size: int = 8, gather_s: float = 0.2):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.chat, self.max_batch_size, self.gather_s = chat, max_batch_size, gather_s
-        self._last_rows = 0
+        self._last_rows, self._last_s = 0, 0.0
         self._pending: deque[GenerationRequest] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -301,7 +302,7 @@ class Batcher:
                 self._cv.wait()
             key = self._pending[0].group_key() if self._pending else None
             want = min(self.max_batch_size, self._last_rows)
-            deadline = time.monotonic() + self.gather_s
+            deadline = time.monotonic() + min(self.gather_s, 0.25 * self._last_s)
             while not self._closed and sum(r.group_key() == key for r in self._pending) < want:
                 if (left := deadline - time.monotonic()) <= 0:
                     break
@@ -316,6 +317,7 @@ class Batcher:
 
     def _loop(self) -> None:
         while (group := self._next_group()) is not None:
+            start = time.monotonic()
             try:
                 self._run(group)
             except BaseException as e:  # never let the worker die: fail this batch, serve the next
@@ -323,6 +325,7 @@ class Batcher:
                 for r in group:
                     if not r.future.done():
                         r.future.set_exception(e)
+            self._last_s = time.monotonic() - start
 
     def _run(self, group: list[GenerationRequest]) -> None:
         from vlm_chat.images import load_image
