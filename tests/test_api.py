@@ -23,6 +23,7 @@ from vlm_chat.api import RunningServer, create_app
 
 MAX = 6
 MODEL = "tiny"
+NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
 SMALL_CAPS = {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_pixels": 300 * 300}
 
 
@@ -144,7 +145,7 @@ def _error(exc_info) -> dict:
 
 
 @pytest.mark.parametrize("messages, kw, status, param, code", [
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": NOT_AN_IMAGE}},
                                    {"type": "text", "text": "Hi"}]}], {}, 400, "messages[0].content[0].image_url",
      "invalid_image"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
@@ -298,8 +299,9 @@ def test_the_cli_serves_the_api(chat, tmp_path):
                 assert time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.5)
         assert [m["id"] for m in models["data"]] == ["my_model"]
-        reply = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).chat.completions.create(
-            model="my_model", messages=[{"role": "user", "content": "Hello there"}], max_tokens=MAX)
+        cli_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        reply = cli_client.chat.completions.create(model="my_model", max_tokens=MAX,
+                                                   messages=[{"role": "user", "content": "Hello there"}])
         assert reply.choices[0].message.content == chat.generate(None, "Hello there", max_new_tokens=MAX)
     finally:
         proc.terminate()

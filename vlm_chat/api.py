@@ -181,7 +181,8 @@ def to_conversation(messages: list[ChatMessage], image_token: str, **image_caps:
         if role == "system" and any(t["role"] != "system" for t in turns):
             raise APIError(400, f"messages[{i}]: system messages must come before the conversation", f"messages[{i}]")
         if msg.content is None:
-            raise APIError(400, f"messages[{i}] has no content (tool calls are not supported)", f"messages[{i}].content")
+            raise APIError(400, f"messages[{i}] has no content (tool calls are not supported)",
+                           f"messages[{i}].content")
         parts = [ContentPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
         out = []
         for j, part in enumerate(parts):

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve an OpenAI-compatible API (/v1/chat/completions)",
         description="Serve GET /v1/models and POST /v1/chat/completions; generation settings come with each request.",
     )
-    api.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    api.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine)")
     api.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     api.add_argument("--max-batch-size", type=_positive_int, default=8, help="most requests per batch (default 8)")
     ev = sub.add_parser(
@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
     runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve, "api": _run_api, "eval": _run_eval}
     try:
-        # eval decodes greedily (the evaluate_* defaults) and has no sampling flags.
-        gen = {} if args.command in ("eval", "api") else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
+        # eval decodes greedily (the evaluate_* defaults) and api takes settings per request: no sampling flags.
+        gen = {} if args.command in ("eval", "api") else generation_kwargs(
+            args.max_new_tokens, args.temperature, args.top_p)
         resolve_model_dir(args.model)  # fail before the slow imports if there is no model to load
         return runners[args.command](args, gen)
     except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
