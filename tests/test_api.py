@@ -306,3 +306,32 @@ def test_the_cli_serves_the_api(chat, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_one_bad_request_does_not_spoil_its_batch(chat):
+    """Batcher level: in one batch, a prompt that cannot fit fails alone and a consumer that breaks loses its row
+    alone; the neighbours get their one-at-a-time answers."""
+    from vlm_chat.serving import Batcher, GenerationRequest
+
+    img = make_image()
+
+    def broken(piece: str) -> None:
+        raise RuntimeError("the client's event loop is gone")
+
+    batcher = Batcher(chat, max_batch_size=4)
+    try:
+        jobs = [GenerationRequest(img, "What is it?", max_new_tokens=MAX),
+                GenerationRequest(img, "Too long?", max_new_tokens=100_000),
+                GenerationRequest(img, "Stream it.", max_new_tokens=MAX, on_text=broken),
+                GenerationRequest(img, "And the color?", max_new_tokens=4)]
+        with batcher._cv:  # queue them all before the worker looks: one batch
+            batcher._pending.extend(jobs)
+            batcher._cv.notify()
+        assert jobs[0].future.result(timeout=120).text == chat.generate(img, "What is it?", max_new_tokens=MAX)
+        with pytest.raises(ValueError, match="does not fit in max_length"):
+            jobs[1].future.result(timeout=120)
+        assert jobs[2].future.result(timeout=120).finish_reason == "cancelled"
+        assert jobs[3].future.result(timeout=120).text == chat.generate(img, "And the color?", max_new_tokens=4)
+        assert batcher.batch_sizes == [3]
+    finally:
+        batcher.close()

@@ -239,7 +239,11 @@ class _RowStops:
             end = len(text[:end].rstrip())  # the space before a held-back tail may end the answer too
         if end > row.sent:
             piece, row.sent = row.text[row.sent:end], end
-            row.request.on_text(piece)
+            try:
+                row.request.on_text(piece)
+            except Exception:  # a consumer that broke (e.g. its event loop closed) loses its row, not the batch
+                logger.exception("streaming a piece failed; cancelling that request")
+                row.request.cancelled.set()
 
 
 class Batcher:
