@@ -210,15 +210,22 @@ def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(client, cha
     def one(q: str, n: int) -> None:
         answers[q] = ask(client, [user(q, img)], max_tokens=n).choices[0].message.content
 
-    # A long request holds the model; the five that arrive meanwhile must join one batch after it.
-    long = threading.Thread(target=one, args=("Take your time.", 60))
-    long.start()
-    while len(batcher.batch_sizes) == before:
-        time.sleep(0.01)
+    # A first request holds the model (the test holds its lock, so the timing is the test's, not the machine's);
+    # the five that arrive meanwhile must join one batch after it.
+    first = threading.Thread(target=one, args=("Take your time.", MAX))
     threads = [threading.Thread(target=one, args=qn) for qn in questions]
-    for t in threads:
-        t.start()
-    for t in [long, *threads]:
+    with chat._lock:
+        first.start()
+        deadline = time.monotonic() + 60
+        while len(batcher.batch_sizes) == before:  # taken by the batcher, waiting for the model
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for t in threads:
+            t.start()
+        while batcher.pending() < len(questions):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    for t in [first, *threads]:
         t.join()
     assert batcher.batch_sizes[before:] == [1, 5]
     assert {q: answers[q] for q, _ in questions} == expected
