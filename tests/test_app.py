@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import gradio as gr
 import httpx
@@ -232,3 +233,77 @@ def test_concurrent_clients_get_the_single_client_answers(server, chat, images):
         t.join(timeout=120)
     assert errors == []
     assert len(results) == 12 and all(answer == expected[q] for q, answer in results)
+
+
+def _count_generated(chat, monkeypatch) -> list[int]:
+    """Record how many tokens each generation call made (its output is ``[B, T_new]``)."""
+    lengths: list[int] = []
+    inner = chat._generate_ids
+
+    def counted(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(chat, "_generate_ids", counted)
+    return lengths
+
+
+def test_a_closed_chat_stream_frees_the_model_at_the_next_token(handlers, chat, images, monkeypatch):
+    """Issue 19: the handler's generator closed mid-answer (what Gradio does when the client leaves) stops the model."""
+    lengths = _count_generated(chat, monkeypatch)
+    updates = handlers.respond(images["red"], "Go on and on.", [], 300, 0.0, 0.9)
+    next(updates), next(updates)  # the question shown, then the first piece of the answer
+    updates.close()
+    assert chat._lock.acquire(blocking=False)  # free as soon as close() returns: the worker has stopped
+    chat._lock.release()
+    assert len(lengths) == 1 and lengths[0] < 10, lengths  # not the 300 tokens asked for
+
+
+def test_a_client_leaving_mid_stream_does_not_hold_up_the_next_one(server, chat, images, monkeypatch):
+    """The real server: a browser-protocol client streams a 300-token answer and disconnects after a few pieces; its
+    generation stops there, and the next request does not wait for the rest of it."""
+    url, _ = server
+    api = f"{url.rstrip('/')}/gradio_api"
+
+    def streamed(question: str, n: int) -> str:  # through chat.stream, in a worker thread, as the app generates
+        return "".join(chat.stream(images["red"], question, max_new_tokens=n, do_sample=False))
+
+    expected = streamed("Short.", MAX_NEW)  # also warms the model up for the timing below
+    start = time.perf_counter()
+    streamed("Go on and on.", 30)  # a random model: no early stop within 30
+    per_token = (time.perf_counter() - start) / 30
+    lengths = _count_generated(chat, monkeypatch)
+    deps = httpx.get(f"{url.rstrip('/')}/config").json()["dependencies"]
+    fn_index = next(i for i, d in enumerate(deps) if d.get("api_name") == "respond")
+    with open(images["red"], "rb") as f:
+        path = httpx.post(f"{api}/upload", files={"files": ("red.png", f.read())}).json()[0]
+    image = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": "red.png"}
+    join = httpx.post(f"{api}/queue/join", json={"data": [image, "Go on and on.", [], 300, 0.0, 0.9],
+                                                 "fn_index": fn_index, "session_hash": "leaver", "event_data": None})
+    assert join.status_code == 200, join.text
+    pieces = 0
+    with httpx.stream("GET", f"{api}/queue/data", params={"session_hash": "leaver"}, timeout=60) as r:
+        for line in r.iter_lines():
+            pieces += '"process_generating"' in line
+            assert '"process_completed"' not in line, line  # it must still be generating when we leave
+            if pieces == 4:
+                break  # leaving the block closes the connection: the page was closed
+    start = time.perf_counter()
+    assert streamed("Short.", MAX_NEW) == expected
+    waited = time.perf_counter() - start
+    assert lengths[0] < 50, lengths  # the abandoned generation stopped soon after the client left, not at 300
+    assert waited < 0.25 * 290 * per_token, (waited, per_token)
+
+
+def test_stream_stop_event_ends_the_answer_early(chat, images, monkeypatch):
+    lengths = _count_generated(chat, monkeypatch)
+    stop = threading.Event()
+    pieces = []
+    for piece in chat.stream(images["red"], "Go on and on.", max_new_tokens=300, do_sample=False, stop_event=stop):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            stop.set()  # e.g. a Stop button: the pieces so far stay, generation ends at the next token
+    assert len(lengths) == 1 and lengths[0] < 20, lengths  # not the 300 asked for
+    # The streamed text is exactly the answer of that many tokens: nothing lost, nothing extra.
+    assert "".join(pieces) == chat.generate(images["red"], "Go on and on.", max_new_tokens=lengths[0])

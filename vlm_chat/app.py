@@ -10,6 +10,7 @@ the server's generation defaults; the UI's Settings panel only affects the UI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -202,8 +203,8 @@ class ChatHandlers:
             self.settings.max_new_tokens, self.settings.temperature, self.settings.top_p
         )
 
-    def _stream_turn(self, image_path, question, history, max_new_tokens, temperature, top_p) -> Iterator[tuple]:
-        """Stream one answer after `history`; yields (chatbot messages, turns) as the text grows."""
+    def _stream_turn(self, image_path, question, history, max_new_tokens, temperature, top_p, tail=()) -> Iterator:
+        """Stream one answer after `history`; yields (chatbot messages, turns, *tail) as the text grows."""
         image = _read_image(image_path, self.settings.max_pixels)
         gen = _settings(max_new_tokens, temperature, top_p)
         user = {"role": "user", "content": question}
@@ -214,15 +215,17 @@ class ChatHandlers:
         text = ""
         # Until the first token the chat shows the question alone, with Gradio's "thinking" dots under it;
         # the state already holds the whole turn, so Retry can take it again if generation fails.
-        yield _display([*history, user]), turns(text)
+        yield _display([*history, user]), turns(text), *tail
         try:
-            for piece in self.chat.stream(image, question, history=history or None, **gen):
-                text += piece
-                yield _display(turns(text)), turns(text)
+            # Gradio closes this generator when the client leaves: closing the stream stops it at the next token.
+            with contextlib.closing(self.chat.stream(image, question, history=history or None, **gen)) as pieces:
+                for piece in pieces:
+                    text += piece
+                    yield _display(turns(text)), turns(text), *tail
         except (ValueError, TypeError) as e:
             raise _user_error(f"The model refused this request: {e}", title="Generation failed") from e
         if not text:
-            yield _display(turns(text)), turns(text)
+            yield _display(turns(text)), turns(text), *tail
         logger.info("answered %r with %d characters", question[:80], len(text))
 
     def respond(self, image_path, question, turns, max_new_tokens, temperature, top_p) -> Iterator[tuple]:
@@ -232,8 +235,7 @@ class ChatHandlers:
             ``(chatbot messages, new turns, "")``; the empty string clears the question box.
         """
         question = _clean_question(question)
-        for chatbot, state in self._stream_turn(image_path, question, turns, max_new_tokens, temperature, top_p):
-            yield chatbot, state, ""
+        yield from self._stream_turn(image_path, question, turns, max_new_tokens, temperature, top_p, tail=("",))
 
     def retry(self, image_path, turns, max_new_tokens, temperature, top_p) -> Iterator[tuple]:
         """Chat tab, Retry: answer the last question again (differently only when sampling).

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from vlm_chat.atomic import atomic_directory, recover
 from vlm_chat.card import model_card
@@ -38,6 +38,17 @@ _VISION_DIR, _ADAPTER_DIR, _LM_DIR, _MAPPER_FILE = "vision", "adapter", "lm", "m
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _EventStop(StoppingCriteria):
+    """Ends every row of a generation once one of ``events`` is set: checked after each new token."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def _resolve_local(name: str, base: Path) -> str:
@@ -361,11 +372,41 @@ class VLMChat:
         return GenerationConfig(**settings)
 
     @torch.inference_mode()
-    def _generate_ids(self, batch: dict[str, torch.Tensor], gen: GenerationConfig, streamer=None) -> torch.Tensor:
+    def _generate_ids(self, batch: dict[str, torch.Tensor], gen: GenerationConfig, streamer=None,
+                      stopping_criteria: list[StoppingCriteria] | None = None) -> torch.Tensor:
         embeds = self.model.embed(batch["input_ids"], batch.get("pixel_values"))
         return self.model.lm.generate(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], generation_config=gen, streamer=streamer
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], generation_config=gen, streamer=streamer,
+            stopping_criteria=StoppingCriteriaList(stopping_criteria or []),
         )
+
+    def generate_tokens(self, batch: dict[str, torch.Tensor], stopping_criteria: list[StoppingCriteria] | None = None,
+                        seed: int | None = None, **generate_kwargs: Any) -> torch.Tensor:
+        """Generate from prompts already encoded (``processor.encode_prompt``) and left-padded (``processor.pad``).
+
+        The API server's batcher uses this to count tokens and to stop rows one by one; `generate_batch` is the
+        text-level equivalent.
+
+        Args:
+            batch: ``input_ids`` / ``attention_mask`` ``[B, T]`` (left-padded) and, for image prompts,
+                ``pixel_values`` ``[B, 3, H, W]``; on any device.
+            stopping_criteria: transformers criteria; one returning a per-row ``[B]`` bool tensor ends rows early
+                (those rows are padded with the pad token from then on).
+            seed: Seed of the sampling RNG for this call (the global RNG state is left as it was).
+            **generate_kwargs: As in :meth:`generate`.
+
+        Returns:
+            ``[B, T_new]`` the new token ids only.
+        """
+        gen = self._generation_config(generate_kwargs)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self._lock:
+            if seed is None:
+                return self._generate_ids(batch, gen, stopping_criteria=stopping_criteria)
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return self._generate_ids(batch, gen, stopping_criteria=stopping_criteria)
 
     def generate(self, image: ImageLike | None, prompt: str, history: list[Message] | None = None,
                  **generate_kwargs: Any) -> str:
@@ -404,33 +445,53 @@ class VLMChat:
             out = self._generate_ids(batch, gen)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def stream(self, image: ImageLike | None, prompt: str, history: list[Message] | None = None,
-               **generate_kwargs: Any) -> Iterator[str]:
-        """Like :meth:`generate`, yielding text pieces as they are decoded."""
+    def stream(self, image: ImageLike | None, prompt: str, history: list[Message] | None = None, *,
+               stop_event: threading.Event | None = None, **generate_kwargs: Any) -> Iterator[str]:
+        """Like :meth:`generate`, yielding text pieces as they are decoded.
+
+        Generation stops at the next token, and the model is free for the next caller, when the consumer closes the
+        generator (``close()``, or dropping it: a web client that went away) or when ``stop_event`` is set.
+
+        Args:
+            image: As in :meth:`generate`.
+            prompt: As in :meth:`generate`.
+            history: As in :meth:`generate`.
+            stop_event: Set it from any thread to end the generation early (the pieces so far stay valid).
+            **generate_kwargs: As in :meth:`generate`.
+
+        Yields:
+            Text deltas; their concatenation is the answer (leading whitespace dropped).
+        """
         gen = self._generation_config(generate_kwargs)
         batch = self._inputs([image], [prompt], [history], reserve=gen.max_new_tokens)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
         errors: list[BaseException] = []
+        closed = threading.Event()  # set when the consumer leaves; checked after every token
 
         def work():
             try:
                 with self._lock:
-                    self._generate_ids(batch, gen, streamer)
+                    self._generate_ids(batch, gen, streamer, stopping_criteria=[_EventStop(closed, stop_event)])
             except BaseException as e:  # surface the error in the caller's thread, not a dead worker
                 errors.append(e)
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        started = False
-        for piece in streamer:
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
-                yield piece
-        thread.join()
+        try:
+            started = False
+            for piece in streamer:
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                if piece:
+                    yield piece
+        finally:
+            # Normal end, an error, or GeneratorExit from close(): the worker stops at its next token, and joining it
+            # here means the lock is free when close() returns, so the next request never waits for an abandoned one.
+            closed.set()
+            thread.join()
         if errors:
             raise errors[0]
 

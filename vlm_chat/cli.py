@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="generations run at once; others wait in the queue (default 1, right for a CPU)",
     )
+    api = sub.add_parser(
+        "api",
+        parents=[model],
+        help="serve an OpenAI-compatible API (/v1/chat/completions)",
+        description="Serve GET /v1/models and POST /v1/chat/completions; generation settings come with each request.",
+    )
+    api.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine)")
+    api.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    api.add_argument("--max-batch-size", type=_positive_int, default=8, help="most requests per batch (default 8)")
     ev = sub.add_parser(
         "eval",
         parents=[model],
@@ -364,6 +373,13 @@ def _run_serve(args: argparse.Namespace, gen: dict[str, Any]) -> int:
     return 0
 
 
+def _run_api(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+    from vlm_chat.serving import launch_api
+
+    launch_api(args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``vlm-chat`` command line.
 
@@ -376,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose or args.command == "serve":
+    if args.verbose or args.command in ("serve", "api"):
         # Our own progress only; at INFO, httpx and friends would log every request the server makes.
         logging.getLogger("vlm_chat").setLevel(logging.INFO)
     if not args.verbose:
@@ -388,11 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-    runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve, "eval": _run_eval}
-    runners["export"] = _run_export
+    runners = {"chat": _run_chat, "caption": _run_caption, "serve": _run_serve, "api": _run_api, "eval": _run_eval,
+               "export": _run_export}
     try:
-        # eval decodes greedily (the evaluate_* defaults) and has no sampling flags; export has no generation at all.
-        no_gen = args.command in ("eval", "export")
+        # eval decodes greedily (the evaluate_* defaults), api takes settings per request, export generates nothing.
+        no_gen = args.command in ("eval", "api", "export")
         gen = {} if no_gen else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
         resolve_model_dir(args.model)  # fail before the slow imports if there is no model to load
         return runners[args.command](args, gen)
