@@ -372,3 +372,20 @@ def test_length_grouped_sampler_cuts_padding_and_stays_deterministic():
     assert list(grouped) != order
     with pytest.raises(ValueError, match="lengths"):
         EpochSampler(10, seed=0, lengths=[1, 2])
+
+
+@pytest.mark.parametrize("max_steps", [3, 8])
+def test_samples_in_run_are_exactly_the_samples_training_draws(tmp_path, max_steps):
+    from vlm_chat.training.sampler import samples_in_run
+
+    drawn = []
+
+    def collate(samples):
+        drawn.extend(i for _, _, i in samples)
+        return _collate(samples)
+
+    # 30 samples, batch 4: 7 steps per epoch (2 samples left out of each); 8 steps cross into a second epoch.
+    data = [(x, y, i) for i, (x, y) in enumerate(_dataset(30))]
+    train(Model(), data, collate, LossFn(), _cfg(tmp_path, max_steps=max_steps, seed=3))
+    trained = drawn[: 4 * max_steps]  # accelerate also prefetches the batch after the last step
+    assert sorted(set(trained)) == samples_in_run(30, seed=3, samples_per_step=4, max_steps=max_steps)

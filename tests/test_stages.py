@@ -85,6 +85,12 @@ def test_unknown_key_names_valid_ones(tmp_path):
         load_stage_config("instruct", argv=["--output_dir", str(tmp_path), "--train_file", "x.json", "--lora_rank", "4"])
     with pytest.raises(ConfigError, match=r"'model.lm.lora_rank'.*did you mean 'model.lm.lora_r'"):
         load_stage_config("pretrain", argv=["--output_dir", "o", "--train_file", "x", "--model.lm.lora_rank", "4"])
+    # The flat model keys of earlier versions name their place in the model section.
+    with pytest.raises(ConfigError, match=r"'mapper_layers' in the overrides is now 'model.mapper.num_layers'"):
+        load_stage_config("pretrain", overrides={"output_dir": "o", "train_file": "x", "mapper_layers": 3})
+    with pytest.raises(ConfigError, match=r"'model:' \(a new model\) or 'init_from'.*not both"):
+        load_stage_config("instruct", overrides={"output_dir": "o", "train_file": "x", "init_from": "ckpt",
+                                                 "model.lm.name_or_path": "lm", "model.vision.name_or_path": "v"})
 
 
 def test_bad_row_names_file_and_row(tmp_path, shapes_dir, tiny_clip_dir, tiny_smollm2_dir):
@@ -148,5 +154,7 @@ def test_dpo_batch_holds_each_image_once(shapes_dir, tiny_clip_dir, tiny_smollm2
     assert cache.precompute([r["image"] for r in rows] * 2, progress=False) == len({r["image"] for r in rows})
     batch = Collator(chat, "dpo", cache)(rows)
     assert batch["image_features"].shape[0] == 3
-    with pytest.raises(KeyError, match="no precomputed vision features"):  # read-only after the pass
-        cache([str(shapes_dir / "images" / "not_there.png")])
+    # Read-only after the pass: a batch with an image outside the table gets pixels (the tower runs in the step).
+    other = str(shapes_dir / "images" / "shapes_3_5.png")
+    assert other not in cache.store and set(cache([other])) == {"pixel_values"}
+    assert other not in cache.store

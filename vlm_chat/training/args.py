@@ -239,6 +239,7 @@ def parse_config(
     config_file: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     nested: Mapping[str, type] | None = None,
+    moved: Mapping[str, str] | None = None,
 ) -> tuple[Any, ...]:
     """Build the dataclasses from a YAML file, Python overrides and ``--key value`` command-line overrides.
 
@@ -255,6 +256,8 @@ def parse_config(
         nested: sections that are a whole dataclass, e.g. ``{"model": VLMConfig}``: a mapping under that key in the
             file or the overrides, ``model.lm.lora_r``-style dotted keys in the overrides and on the command line
             (``--model.lm.lora_r 8``). Each becomes one more returned value (None when no source sets it).
+        moved: ``{old key: new key}`` of keys that moved (e.g. into a nested section); the old key is an error naming
+            the new one, like the names in :data:`RENAMED_KEYS`.
 
     Returns:
         One instance per dataclass, in the given order, then one value per ``nested`` section.
@@ -338,6 +341,8 @@ def parse_config(
                 raise ConfigError(
                     f"config key {key!r} in {source} is now {RENAMED_KEYS[key]!r} (transformers TrainingArguments' name)"
                 )
+            if moved and key in moved:
+                raise ConfigError(f"config key {key!r} in {source} is now {moved[key]!r}")
             if key in complement:
                 if not from_cli:
                     raise ConfigError(f"unknown config key {key!r} in {source}; write '{complement[key]}: false'")

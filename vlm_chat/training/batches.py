@@ -4,9 +4,10 @@ Where the vision tower runs, by ``cache_vision_features``:
 
 * off: the collate function only decodes and preprocesses images (``pixel_values``, CPU work that DataLoader workers
   may share); the tower runs in the training step, inside the model's forward, on the training device;
-* on: :meth:`FeatureCache.precompute` runs the tower once per distinct image in one pass *before* training, and the
-  collate function looks the features up (``image_features``). After that pass the table is read-only: a miss is an
-  error, so the tower never runs inside a DataLoader worker (no CUDA in forked processes, no cache per worker).
+* on: :meth:`FeatureCache.precompute` runs the tower once per distinct image of the samples the run will draw, in one
+  pass *before* training, and the collate function looks the features up (``image_features``). After that pass the
+  table is read-only, so the tower never runs inside a DataLoader worker (no CUDA in forked processes, no cache per
+  worker); a batch with an image outside the table (one prefetched past the last step) carries pixels instead.
 
 A batch holds each image once. DPO batches hold ``2B`` sequences (the ``B`` chosen answers, then the ``B`` rejected
 ones) for ``B`` images; the DPO step pairs each image with both (:func:`vlm_chat.training.stages.dpo_step`).
@@ -52,7 +53,7 @@ class FeatureCache:
             self.store[path] = f.cpu()
 
     def precompute(self, paths: list[str], batch_size: int = 64, progress: bool = True) -> int:
-        """Run the tower once on every distinct image of ``paths``; afterwards a path not in the table is an error.
+        """Run the tower once on every distinct image of ``paths``; afterwards the table is read-only.
 
         Args:
             paths: image paths of the training rows (repeats are fine).
@@ -79,7 +80,9 @@ class FeatureCache:
         missing = [p for p in dict.fromkeys(paths) if p not in self.store]
         if missing:
             if self._chat is None:
-                raise KeyError(f"no precomputed vision features for {missing[0]} (and {len(missing) - 1} more)")
+                # Not in the table (e.g. a batch prefetched past the last step): pixels, and the tower runs in the
+                # training step as with the cache off. Never the tower here: this may be a DataLoader worker.
+                return {"pixel_values": self._pixels(paths)}
             self._fill(missing)  # outside training (benchmarks, tests): compute on first use
         return {"image_features": torch.stack([self.store[p] for p in paths])}  # [B, N_patch, d_vis]
 

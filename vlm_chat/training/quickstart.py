@@ -40,8 +40,8 @@ TINY = {
     "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48},
 }
 FULL = {
-    # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/training.md, "Two shortcuts
-    # in easy-VQA's yes/no questions"): easyvqa_balance (yes/no balanced per question template) and easyvqa_max_turns 1
+    # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/experiments/
+    # 2026-11-23-easyvqa-yes-no-shortcuts.md): easyvqa_balance (yes/no balanced per question template) and easyvqa_max_turns 1
     # (one question per sample; needs --set instruct.max_turns_per_sample=1 so they are not packed back together).
     "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True,
              "easyvqa_balance": False, "easyvqa_max_turns": None},

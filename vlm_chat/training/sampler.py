@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["EpochSampler", "mix_seed"]
+__all__ = ["EpochSampler", "mix_seed", "samples_in_run"]
 
 
 class EpochSampler(Sampler[int]):
@@ -70,3 +70,34 @@ def mix_seed(*parts: int) -> int:
     for part in parts:
         value = (value * 1_000_003 + int(part)) % (2**61 - 1)
     return value % (2**32)
+
+
+def samples_in_run(num_samples: int, seed: int, samples_per_step: int, max_steps: int,
+                   lengths: Sequence[int] | None = None) -> list[int]:
+    """Indices of every sample that ``max_steps`` optimizer steps of :class:`EpochSampler` order will draw.
+
+    The order depends only on ``(seed, epoch)``, so the samples a run will see are known before it starts; the
+    vision-feature pass uses this to run the tower only on the images of those samples.
+
+    Args:
+        num_samples: dataset length.
+        seed: data-order seed.
+        samples_per_step: samples per optimizer step, all processes together.
+        max_steps: optimizer steps of the run.
+        lengths: the ``group_by_length`` proxies, if the run groups by length.
+
+    Returns:
+        Sorted distinct indices.
+    """
+    steps_per_epoch = num_samples // samples_per_step
+    if steps_per_epoch == 0:
+        return list(range(num_samples))  # the engine refuses this run with a clear error
+    sampler = EpochSampler(num_samples, seed, samples_per_step, lengths=lengths)
+    seen: set[int] = set()
+    done, epoch = 0, 0
+    while done < max_steps and len(seen) < num_samples:
+        sampler.set_epoch(epoch)
+        take = min(steps_per_epoch, max_steps - done)
+        seen.update(list(sampler)[: take * samples_per_step])
+        done, epoch = done + take, epoch + 1
+    return sorted(seen)

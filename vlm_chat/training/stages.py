@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -39,6 +41,7 @@ from vlm_chat.losses import dpo_loss
 from vlm_chat.training.args import ConfigError, TrainConfig, parse_config, save_config
 from vlm_chat.training.batches import Collator, FeatureCache
 from vlm_chat.training.engine import LossFn, TrainResult, train
+from vlm_chat.training.sampler import samples_in_run
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,17 @@ __all__ = [
 ]
 
 REFERENCE_ADAPTER = "reference"
+
+#: Flat model keys of earlier versions -> their place in the ``model:`` section (the old name is an error naming it).
+MOVED_KEYS = {
+    "vision": "model.vision.name_or_path", "feature_layer": "model.vision.feature_layer",
+    "mapper": "model.mapper.kind", "mapper_depth": "model.mapper.depth", "mapper_pool": "model.mapper.pool",
+    "num_queries": "model.mapper.num_queries", "mapper_layers": "model.mapper.num_layers",
+    "mapper_heads": "model.mapper.num_heads", "lm": "model.lm.name_or_path", "lora_r": "model.lm.lora_r",
+    "lora_alpha": "model.lm.lora_alpha", "lora_dropout": "model.lm.lora_dropout",
+    "lora_target_modules": "model.lm.lora_target_modules", "load_in_4bit": "model.lm.load_in_4bit",
+    "dtype": "model.lm.dtype", "max_length": "model.lm.max_length", "system_prompt": "model.system_prompt",
+}  # fmt: skip
 
 
 @dataclass
@@ -356,9 +370,11 @@ def run_stage(config: StageConfig) -> TrainResult:
         card = chat._default_card(chat.config) + f"\n## Training\n\nStage `{stage.name}`: `{command}`\n"
         chat.save_pretrained(directory, card=card)
 
+    lengths = [stage.text_length(row) for row in rows] if cfg.group_by_length else None
     features = FeatureCache(chat, config.options.cache_vision_features)
     if features.enabled:
-        features.precompute([r["image"] for r in rows if r["image"]], progress=not cfg.disable_tqdm)
+        features.precompute([rows[i]["image"] for i in _rows_in_run(len(rows), cfg, lengths) if rows[i]["image"]],
+                            progress=not cfg.disable_tqdm)
     return train(
         chat.model,
         rows,
@@ -368,8 +384,19 @@ def run_stage(config: StageConfig) -> TrainResult:
         param_groups=groups,
         on_save=on_save,
         gradient_checkpointing_fn=_gradient_checkpointing,
-        lengths=[stage.text_length(row) for row in rows] if cfg.group_by_length else None,
+        lengths=lengths,
     )
+
+
+def _rows_in_run(num_rows: int, cfg: TrainConfig, lengths: list[int] | None) -> list[int]:
+    """The rows the engine will draw (the same order, batch layout and step count), so the feature pass covers those.
+
+    A run shorter than an epoch then costs the tower no more than it trains on.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # as the engine counts processes
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * (num_rows // per_step))
+    return samples_in_run(num_rows, cfg.seed, per_step, steps, lengths)
 
 
 def load_stage_config(stage: str, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -394,7 +421,7 @@ def load_stage_config(stage: str, config_file: str | Path | None = None, overrid
         raise ConfigError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     init, data, options, train_cfg, model = parse_config(
         [_InitFrom, DataArgs, StageArgs, TrainConfig], list(argv or []), prog=f"train/{stage}.py",
-        config_file=config_file, overrides=overrides, nested={"model": VLMConfig},
+        config_file=config_file, overrides=overrides, nested={"model": VLMConfig}, moved=MOVED_KEYS,
     )
     return StageConfig(stage=stage, model=model, init_from=init.init_from, data=data, options=options, train=train_cfg)
 
