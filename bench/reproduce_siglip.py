@@ -5,7 +5,7 @@
 Claim (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", arXiv:2303.15343): the sigmoid loss is
 better than the softmax (InfoNCE) loss at small batch sizes, and the two meet as the batch grows.
 
-Every run is an ordinary stage-0 run (``vlm_chat.training.contrastive.run``, ``configs/quickstart/contrastive.yaml``)
+Every run is an ordinary stage-0 run (``vlm_chat.training.run_contrastive``, ``vlm_chat/recipes/quickstart/contrastive.yaml``)
 on the quickstart's captions (shapes world + easy-VQA train), with only the loss, the batch size and the step count
 changed. The architecture is the same ``CLIPModel`` for all three losses, so the loss is the only difference (the
 SigLIP loss gets its learned bias from ``DualEncoder``). Each batch size sees the same number of training *examples*
@@ -129,8 +129,7 @@ def prepare(args: argparse.Namespace, out: Path) -> tuple[Path, Path, list[tuple
 def train_one(args: argparse.Namespace, loss: str, batch: int, captions: Path, images: Path, run_dir: Path
               ) -> dict[str, Any]:
     """One stage-0 run through the library's stage script; returns its step count, wall time and last loss."""
-    from vlm_chat.training import contrastive
-    from vlm_chat.training.quickstart import _argv
+    from vlm_chat.training.quickstart import run_contrastive_recipe
 
     steps = run_steps(args, batch)
     overrides: dict[str, Any] = {
@@ -140,7 +139,7 @@ def train_one(args: argparse.Namespace, loss: str, batch: int, captions: Path, i
         "model_type": "clip",  # one architecture for every loss: the loss is the only variable
         "loss": loss,
         "same_caption_positive": True,  # the default, stated: identical captions are positives for every loss
-        "per_device_batch_size": batch,
+        "per_device_train_batch_size": batch,
         "max_steps": steps,
         "warmup_steps": 0,  # 0 lets warmup_ratio decide, so every run warms up over the same share of its steps
         "warmup_ratio": args.warmup_ratio,
@@ -155,15 +154,15 @@ def train_one(args: argparse.Namespace, loss: str, batch: int, captions: Path, i
     if args.tiny:
         overrides.update(TINY_MODEL)
     start = time.perf_counter()
-    result = contrastive.run(_argv("contrastive.yaml", overrides))
+    result = run_contrastive_recipe(overrides)
     seconds = time.perf_counter() - start
-    history = result["history"]
+    history = result.history
     import yaml
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the run really used (config + overrides)
     tail = history[-max(1, len(history) // 10):]  # the last 10% of steps: a less noisy "final" training loss
     return {"steps": steps, "examples": steps * batch, "train_s": seconds,
-            "final_train_loss": sum(r["loss"] for r in tail) / len(tail), "final_dir": str(result["final_dir"]),
+            "final_train_loss": sum(r["loss"] for r in tail) / len(tail), "final_dir": str(result.final_dir),
             "learning_rate": resolved["learning_rate"], "warmup_steps_resolved": round(args.warmup_ratio * steps)}
 
 

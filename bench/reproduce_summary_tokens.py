@@ -9,7 +9,7 @@ feeding all of them, with (near) the same accuracy.
 Three VLMs that differ only in the mapper: ``mlp`` over all 64 patch tokens (``mapper_pool 1``: 64 visual tokens),
 ``perceiver`` and ``qformer`` with 16 learned queries (16 visual tokens). Same frozen stage-0 CLIP tower, same
 SmolLM2-135M-Instruct + LoRA, same data, seed, steps and learning rates. Each is trained by the library's own stage
-runs (``vlm_chat.training.stages.run``: optional stage 1 on captions, then stage 2 on conversations, with the
+runs (``vlm_chat.training.run_stage``: optional stage 1 on captions, then stage 2 on conversations, with the
 ``configs/quickstart`` YAMLs and only steps/sizes overridden) and scored on a fixed subset of easy-VQA's test split
 (``vlm_chat.eval.evaluate_vqa``, answer = first vocabulary word of the response).
 
@@ -48,7 +48,7 @@ MAPPERS = ("mlp", "perceiver", "qformer")
 FULL_DATA = {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True}
 TINY_DATA = {"shapes_images": 24, "shapes_eval_images": 6, "image_size": 32, "easyvqa": False}
 TINY_TOWER = {"image_size": 32, "vision_hidden_size": 32, "vision_layers": 1, "text_hidden_size": 32, "text_layers": 1,
-              "projection_dim": 32, "max_steps": 4, "per_device_batch_size": 8}
+              "projection_dim": 32, "max_steps": 4, "per_device_train_batch_size": 8}
 #: (full, --quick, --tiny) sizes.
 SIZES = {
     "pretrain_steps": (30, 0, 1),
@@ -123,11 +123,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _config_value(stage: str, key: str) -> Any:
+    """A value of the quickstart recipe's YAML; ``model.lm.lora_r``-style keys reach into its ``model:`` section."""
     import yaml
 
     from vlm_chat.training.quickstart import CONFIG_DIR
 
-    return yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())[key]
+    value = yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def prepare(args: argparse.Namespace, out: Path) -> dict[str, Path]:
@@ -149,8 +153,7 @@ def ensure_tower(args: argparse.Namespace, out: Path, captions: Path, images: Pa
     """The frozen vision tower: ``--vision``, or the quickstart's stage 0 trained here (reused when present)."""
     if args.vision:
         return args.vision
-    from vlm_chat.training import contrastive
-    from vlm_chat.training.quickstart import _argv
+    from vlm_chat.training.quickstart import run_contrastive_recipe
 
     run_dir = out / "tower"
     if not (run_dir / "final").is_dir() or args.force:
@@ -158,20 +161,17 @@ def ensure_tower(args: argparse.Namespace, out: Path, captions: Path, images: Pa
                                      "seed": args.seed, "report_to": "none", "save_steps": 0}
         if args.tiny:
             overrides.update(TINY_TOWER)
-        contrastive.run(_argv("contrastive.yaml", overrides))
+        run_contrastive_recipe(overrides)
     return str(run_dir / "final")
 
 
 def train_mapper(args: argparse.Namespace, mapper: str, tower: str, data: dict[str, Path], out: Path) -> dict:
-    """Stage 1 (optional) and stage 2 for one mapper through ``stages.run``; returns run dirs and wall times."""
-    from vlm_chat.training import stages
-    from vlm_chat.training.quickstart import _argv
+    """Stage 1 (optional) and stage 2 for one mapper through ``run_stage``; returns run dirs and wall times."""
+    from vlm_chat.training.quickstart import run_stage_recipe
 
-    lm = args.lm or _config_value("pretrain", "lm")
-    model = {"vision": tower, "lm": lm, "mapper": mapper, "mapper_pool": 1, "num_queries": args.num_queries,
-             "feature_layer": _feature_layer(args)}
-    common = {"seed": args.seed, "image_folder": data["images"], "per_device_batch_size": args.batch,
-              "max_length": args.max_length, "report_to": "none", "save_steps": 0, "logging_steps": 5}
+    model = _model_overrides(args, mapper, tower)
+    common = {"seed": args.seed, "image_folder": data["images"], "per_device_train_batch_size": args.batch,
+              "report_to": "none", "save_steps": 0, "logging_steps": 5}
     record: dict[str, Any] = {}
     instruct = {**common, "train_file": data["conversations"], "output_dir": out / mapper / "instruct",
                 "max_steps": args.instruct_steps, "warmup_steps": max(1, args.instruct_steps // 10)}
@@ -181,39 +181,43 @@ def train_mapper(args: argparse.Namespace, mapper: str, tower: str, data: dict[s
         instruct["mapper_lr"] = _config_value("pretrain", "mapper_lr")
     if args.pretrain_steps > 0:
         start = time.perf_counter()
-        stages.run("pretrain", _argv("pretrain.yaml", {
+        run_stage_recipe("pretrain", {
             **model, **common, "train_file": data["captions"], "output_dir": out / mapper / "pretrain",
-            "max_steps": args.pretrain_steps, "warmup_steps": max(1, args.pretrain_steps // 10)}))
+            "max_steps": args.pretrain_steps, "warmup_steps": max(1, args.pretrain_steps // 10)})
         record["pretrain_s"] = time.perf_counter() - start
         instruct["init_from"] = out / mapper / "pretrain" / "final"
     else:
         # No stage 1: stage 2 assembles the model itself, with the stage-1 config's model settings.
-        keys = ("mapper_depth", "lora_r", "lora_alpha", "lora_dropout", "system_prompt")
-        instruct.update({k: _config_value("pretrain", k) for k in keys}, init_from="none", **model)
+        instruct.update(init_from=None, model=_config_value("pretrain", "model"), **model)
     start = time.perf_counter()
-    result = stages.run("instruct", _argv("instruct.yaml", instruct))
+    result = run_stage_recipe("instruct", instruct)
     record["instruct_s"] = time.perf_counter() - start
-    history = result["history"]
+    history = result.history
     tail = history[-max(1, len(history) // 5):]
     record["final_train_loss"] = sum(r["loss"] for r in tail) / len(tail)  # mean of the last 20% of steps
-    record["final_dir"] = str(result["final_dir"])
+    record["final_dir"] = str(result.final_dir)
     return record
 
 
 def _feature_layer(args: argparse.Namespace) -> int:
-    return _config_value("pretrain", "feature_layer") if args.feature_layer is None else args.feature_layer
+    return _config_value("pretrain", "model.vision.feature_layer") if args.feature_layer is None else args.feature_layer
+
+
+def _model_overrides(args: argparse.Namespace, mapper: str, tower: str) -> dict[str, Any]:
+    """The model keys this benchmark sets on top of the stage-1 recipe's ``model:`` section."""
+    return {"model.vision.name_or_path": str(tower), "model.lm.name_or_path": args.lm or _config_value("pretrain", "model.lm.name_or_path"),
+            "model.mapper.kind": mapper, "model.mapper.pool": 1, "model.mapper.num_queries": args.num_queries,
+            "model.vision.feature_layer": _feature_layer(args), "model.lm.max_length": args.max_length}
 
 
 def fresh_model(args: argparse.Namespace, mapper: str, tower: str):
     """An untrained VLM with the settings ``train_mapper`` trains (stage 1's model keys), on the CPU."""
     from vlm_chat import VLMChat
-    from vlm_chat.training.stages import ModelArgs
+    from vlm_chat.training.quickstart import CONFIG_DIR
+    from vlm_chat.training.stages import load_stage_config
 
-    keys = ("mapper_depth", "lora_r", "lora_alpha", "lora_dropout", "system_prompt")
-    model = ModelArgs(vision=tower, lm=args.lm or _config_value("pretrain", "lm"), mapper=mapper, mapper_pool=1,
-                      num_queries=args.num_queries, max_length=args.max_length, feature_layer=_feature_layer(args),
-                      **{k: _config_value("pretrain", k) for k in keys})
-    chat = VLMChat.from_config(model.vlm_config(), device="cpu", seed=args.seed)
+    config = load_stage_config("pretrain", CONFIG_DIR / "pretrain.yaml", _model_overrides(args, mapper, tower)).model
+    chat = VLMChat.from_config(config, device="cpu", seed=args.seed)
     chat.model.configure_trainable(mapper=True, lora=True)
     return chat
 

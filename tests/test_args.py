@@ -5,7 +5,16 @@ from typing import Literal
 
 import pytest
 
-from vlm_chat.training.args import CaptionDataArgs, ConfigError, FloatDict, TrainConfig, parse_config, save_config
+from vlm_chat.config import VLMConfig
+from vlm_chat.training.args import (
+    RENAMED_KEYS,
+    CaptionDataArgs,
+    ConfigError,
+    FloatDict,
+    TrainConfig,
+    parse_config,
+    save_config,
+)
 
 
 @dataclass
@@ -60,7 +69,7 @@ def test_unknown_key_names_key_source_and_valid_keys(tmp_path):
 @pytest.mark.parametrize(
     ("yaml_text", "key"),
     [
-        ("per_device_batch_size: 2.5", "per_device_batch_size"),
+        ("per_device_train_batch_size: 2.5", "per_device_train_batch_size"),
         ("learning_rate: fast", "learning_rate"),
         ("learning_rate: true", "learning_rate"),
         ("gradient_checkpointing: maybe", "gradient_checkpointing"),
@@ -83,9 +92,9 @@ def test_wrong_type_and_bad_choice_on_cli():
 
 
 def test_nulls_missing_keys_and_value_checks(tmp_path):
-    path = _yaml(tmp_path, "output_dir: o\ntrain_file: t\ninit_from: some/dir\nresume: null\n")
+    path = _yaml(tmp_path, "output_dir: o\ntrain_file: t\ninit_from: some/dir\nresume_from_checkpoint: null\n")
     model, _, cfg = parse_config(TYPES, ["--config", path, "--init_from", "none"])
-    assert model.init_from is None and cfg.resume is None
+    assert model.init_from is None and cfg.resume_from_checkpoint is None
     with pytest.raises(ConfigError, match="'seed'.*cannot be null"):
         parse_config(TYPES, ["--config", _yaml(tmp_path, "output_dir: o\ntrain_file: t\nseed: null\n", "null.yaml")])
     with pytest.raises(ConfigError, match="'seed' in the command line: 'null' is not a valid int"):
@@ -94,10 +103,10 @@ def test_nulls_missing_keys_and_value_checks(tmp_path):
     assert parse_config(TYPES, ["--config", path, "--report_to", "none"])[2].report_to == "none"
     with pytest.raises(ConfigError, match=r"missing required config key\(s\) \['output_dir'\]"):
         parse_config(TYPES, ["--train_file", "t"])
-    with pytest.raises(ConfigError, match="'per_device_batch_size' must be >= 1"):
-        parse_config(TYPES, ["--config", path, "--per_device_batch_size", "0"])
+    with pytest.raises(ConfigError, match="'per_device_train_batch_size' must be >= 1"):
+        parse_config(TYPES, ["--config", path, "--per_device_train_batch_size", "0"])
     with pytest.raises(ConfigError, match="unknown scheduler 'cosin'"):
-        parse_config(TYPES, ["--config", path, "--lr_scheduler", "cosin"])
+        parse_config(TYPES, ["--config", path, "--lr_scheduler_type", "cosin"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_config(TYPES, ["--config", str(tmp_path / "nope.yaml")])
 
@@ -120,3 +129,42 @@ def test_float_dict_parsing():
     assert FloatDict('{"a": 1}') == {"a": 1.0}
     with pytest.raises(ValueError):
         FloatDict("a")
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(RENAMED_KEYS.items()))
+def test_old_key_names_are_errors_naming_the_transformers_name(tmp_path, old, new):
+    assert new in TrainConfig.__dataclass_fields__
+    path = _yaml(tmp_path, f"output_dir: o\ntrain_file: t\n{old}: 1\n")
+    with pytest.raises(ConfigError, match=rf"'{old}' in config file .* is now '{new}'"):
+        parse_config(TYPES, ["--config", path])
+    with pytest.raises(ConfigError, match=rf"'{old}' in the command line is now '{new}'"):
+        parse_config(TYPES, ["--output_dir", "o", "--train_file", "t", f"--{old}", "1"])
+
+
+def test_nested_section_from_yaml_overrides_and_dotted_cli_keys(tmp_path):
+    path = _yaml(tmp_path, "output_dir: o\ntrain_file: t\nmodel:\n  lm: {name_or_path: x, lora_r: 4}\n"
+                           "  mapper: {kind: mlp, pool: 2}\n")
+    *_, model = parse_config(TYPES, ["--config", path, "--model.mapper.kind", "perceiver", "--model.lm.lora_dropout",
+                                     "0", "--model.system_prompt", "none"],
+                             overrides={"model.lm.lora_r": 8, "max_steps": 3}, nested={"model": VLMConfig})
+    assert isinstance(model, VLMConfig)
+    assert (model.lm.name_or_path, model.lm.lora_r, model.lm.lora_dropout) == ("x", 8, 0.0)  # CLI > overrides > YAML
+    assert (model.mapper.kind, model.mapper.pool, model.system_prompt) == ("perceiver", 2, None)
+    assert parse_config(TYPES, ["--output_dir", "o", "--train_file", "t"], nested={"model": VLMConfig})[-1] is None
+    bad = [
+        (["--model.lm.lora_rank", "3"], r"unknown config key 'model.lm.lora_rank' in the command line.*'model.lm.lora_r'"),
+        (["--model.lm.lora_r", "x"], r"'model.lm.lora_r' in the command line: 'x' is not a valid int"),
+        (["--model.mapper", "mlp"], r"'model.mapper' in the command line is a section"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(TYPES, ["--config", path, *argv], nested={"model": VLMConfig})
+    with pytest.raises(ConfigError, match=r"the overrides: key 'model.lm.lora_r' must be int, got str"):
+        parse_config(TYPES, ["--config", path], overrides={"model": {"lm": {"lora_r": "big"}}}, nested={"model": VLMConfig})
+
+
+def test_saved_config_with_a_section_round_trips(tmp_path):
+    objs = parse_config(TYPES, ["--output_dir", "o", "--train_file", "t", "--model.lm.name_or_path", "x"],
+                        nested={"model": VLMConfig})
+    saved = save_config(tmp_path / "config.yaml", *objs[:-1], sections={"model": objs[-1]})
+    assert parse_config(TYPES, ["--config", str(saved)], nested={"model": VLMConfig}) == objs

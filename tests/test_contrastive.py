@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vlm_chat.data import DataError
-from vlm_chat.training.contrastive import main, run
+from vlm_chat.training.contrastive import load_contrastive_config, main, run_contrastive
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {
@@ -42,8 +42,12 @@ def captions(tmp_path_factory):
 
 def _args(captions, out, *extra, steps=20):
     return ["--train_file", str(captions), "--output_dir", str(out), "--max_steps", str(steps),
-            "--per_device_batch_size", "8", "--learning_rate", "1e-3", "--lr_scheduler", "constant",
+            "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
             "--save_steps", "0", "--report_to", "none", "--disable_tqdm", "true", *TINY, *extra]  # fmt: skip
+
+
+def run(argv):
+    return run_contrastive(load_contrastive_config(argv=argv))
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +66,22 @@ def _drop(losses):
 
 
 def test_clip_loss_goes_down_and_retrieval_learns(clip_run):
-    history = clip_run["history"]
+    history = clip_run.history
     assert _drop([h["loss"] for h in history]) < 0.5
     assert history[-1]["acc_i2t"] == 1.0 and history[-1]["acc_t2i"] == 1.0
     assert "logit_scale" in history[-1]
 
 
 def test_siglip_loss_goes_down_and_learns_bias(siglip_run):
-    history = siglip_run["history"]
+    history = siglip_run.history
     assert _drop([h["loss"] for h in history]) < 0.5
     assert history[-1]["logit_bias"] != pytest.approx(-10.0)  # the bias is learned
 
 
 def test_triplet_loss_goes_down_with_frozen_temperature(captions, tmp_path):
     result = run(_args(captions, tmp_path, "--loss", "triplet", steps=40))
-    assert _drop([h["loss"] for h in result["history"]]) < 0.5
-    assert torch.equal(result["model"].logit_scale.detach(), torch.tensor(math.log(1 / 0.07)))
+    assert _drop([h["loss"] for h in result.history]) < 0.5
+    assert torch.equal(result.model.logit_scale.detach(), torch.tensor(math.log(1 / 0.07)))
 
 
 def _images():
@@ -87,8 +91,8 @@ def _images():
 def test_clip_dir_reloads_as_standard_transformers_model(clip_run):
     from transformers import AutoProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
 
-    final = clip_run["final_dir"]
-    trained = clip_run["model"].eval()
+    final = clip_run.final_dir
+    trained = clip_run.model.eval()
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md"} <= set(
         os.listdir(final)
     )
@@ -116,7 +120,7 @@ def test_clip_dir_reloads_as_standard_transformers_model(clip_run):
 
 
 def test_clip_text_pools_at_eos_so_padding_does_not_matter(clip_run):
-    model, processor = clip_run["model"].eval(), clip_run["processor"]
+    model, processor = clip_run.model.eval(), clip_run.processor
     eos = model.config.text_config.eos_token_id
     assert eos == processor.tokenizer.eos_token_id and eos != 2  # 2 would switch CLIP to legacy argmax pooling
     ids = processor.tokenizer("a red image").input_ids
@@ -135,8 +139,8 @@ def test_clip_text_pools_at_eos_so_padding_does_not_matter(clip_run):
 def test_siglip_dir_reloads_and_pads_to_fixed_length(siglip_run):
     from transformers import AutoProcessor, SiglipModel, SiglipVisionModel
 
-    final = siglip_run["final_dir"]
-    trained = siglip_run["model"].eval()
+    final = siglip_run.final_dir
+    trained = siglip_run.model.eval()
     processor = AutoProcessor.from_pretrained(final)
     assert type(processor).__name__ == "SiglipProcessor"
     max_len = trained.config.text_config.max_position_embeddings
@@ -162,18 +166,18 @@ def test_init_from_continues_a_checkpoint(clip_run, captions, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    result = run(_args(captions, tmp_path, "--init_from", str(clip_run["final_dir"]), steps=2))
-    assert result["model_type"] == "clip"
+    result = run(_args(captions, tmp_path, "--init_from", str(clip_run.final_dir), steps=2))
+    assert result.model_type == "clip"
 
-    old = load_file(Path(clip_run["final_dir"]) / "model.safetensors")
-    new = load_file(Path(result["final_dir"]) / "model.safetensors")
+    old = load_file(Path(clip_run.final_dir) / "model.safetensors")
+    new = load_file(Path(result.final_dir) / "model.safetensors")
     assert old.keys() == new.keys()
     assert any(not torch.equal(old[k], new[k]) for k in old)
-    assert AutoTokenizer.from_pretrained(result["final_dir"]).get_vocab() == clip_run["processor"].tokenizer.get_vocab()
+    assert AutoTokenizer.from_pretrained(result.final_dir).get_vocab() == clip_run.processor.tokenizer.get_vocab()
     saved = (tmp_path / "config.yaml").read_text()
     assert "model_type: clip" in saved and "loss: clip" in saved
     with pytest.raises(ValueError, match="model_type 'siglip' but init_from"):
-        run(_args(captions, tmp_path / "x", "--init_from", str(clip_run["final_dir"]), "--model_type", "siglip"))
+        run(_args(captions, tmp_path / "x", "--init_from", str(clip_run.final_dir), "--model_type", "siglip"))
 
 
 def test_bad_rows_are_named_or_skipped(captions, tmp_path):
@@ -184,7 +188,7 @@ def test_bad_rows_are_named_or_skipped(captions, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl, row 8.*missing.png"):
         run(args)
     result = run([*args, "--skip_bad_rows", "true"])
-    assert result["global_step"] == 1
+    assert result.global_step == 1
 
 
 def test_script_runs_with_the_tiny_config(captions, tmp_path):
@@ -210,12 +214,12 @@ def test_two_processes_match_one_process_with_double_batch(captions, tmp_path):
 
     one = run(_args(captions, tmp_path / "one", steps=4))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           *_train_cmd(captions, tmp_path / "two", "--per_device_batch_size", "4", steps=4)]  # fmt: skip
+           *_train_cmd(captions, tmp_path / "two", "--per_device_train_batch_size", "4", steps=4)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 x 1 accumulation x 2 processes" in proc.stderr
     two = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in two] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+    assert [r["loss"] for r in two] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for key in a:
@@ -245,20 +249,20 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(captions, tmp_path):
     proc.wait()
     killed_at = len(log.read_text().splitlines())
     assert 5 <= killed_at < 40, killed_at
-    resumed = run([*_args(captions, out, *extra, steps=40), "--resume", "latest"])
-    assert resumed["resumed_from"] is not None
+    resumed = run([*_args(captions, out, *extra, steps=40), "--resume_from_checkpoint", "latest"])
+    assert resumed.resumed_from is not None
     assert [json.loads(line)["loss"] for line in log.read_text().splitlines()] == [
-        h["loss"] for h in straight["history"]
+        h["loss"] for h in straight.history
     ]
-    a = load_file(Path(straight["final_dir"]) / "model.safetensors")
-    b = load_file(Path(resumed["final_dir"]) / "model.safetensors")
+    a = load_file(Path(straight.final_dir) / "model.safetensors")
+    b = load_file(Path(resumed.final_dir) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(captions, tmp_path):
     plain = run(_args(captions, tmp_path / "a", steps=3))
     checkpointed = run(_args(captions, tmp_path / "b", "--gradient_checkpointing", "true", steps=3))
-    assert checkpointed["model"].text_model.encoder.gradient_checkpointing
-    assert [h["loss"] for h in checkpointed["history"]] == pytest.approx(
-        [h["loss"] for h in plain["history"]], rel=1e-5
+    assert checkpointed.model.text_model.encoder.gradient_checkpointing
+    assert [h["loss"] for h in checkpointed.history] == pytest.approx(
+        [h["loss"] for h in plain.history], rel=1e-5
     )

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from vlm_chat import VLMChat
 from vlm_chat.datasets.shapes import write_shapes_dataset
+from vlm_chat.training import load_stage_config, run_stage
 from vlm_chat.training.engine import NonFiniteLossError, find_latest_checkpoint
-from vlm_chat.training.stages import run
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, SAVE_STEPS = 10, 2
@@ -41,9 +41,10 @@ def shapes_dir(tmp_path_factory):
 
 def _instruct_args(output_dir: Path, shapes_dir: Path, vision: Path, lm: Path, **extra) -> list[str]:
     # 6 packed conversations, batch 2: 3 steps per epoch, so the run crosses two epoch boundaries.
-    args = {"vision": vision, "lm": lm, "train_file": shapes_dir / "conversations.json", "output_dir": output_dir,
-            "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 0, "per_device_batch_size": 2,
-            "max_length": 160, "lora_r": 4, "lora_dropout": 0.1, "mapper_lr": 3e-3, "lora_lr": 3e-3,
+    args = {"model.vision.name_or_path": vision, "model.lm.name_or_path": lm, "model.lm.max_length": 160,
+            "model.lm.lora_r": 4, "model.lm.lora_dropout": 0.1, "train_file": shapes_dir / "conversations.json",
+            "output_dir": output_dir, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 0,
+            "per_device_train_batch_size": 2, "mapper_lr": 3e-3, "lora_lr": 3e-3,
             "logging_steps": 1, "report_to": "none", "disable_tqdm": "true", **extra}  # fmt: skip
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -115,7 +116,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(
     assert latest is not None and int(latest.name.split("-")[1]) <= steps_done, where
 
     resumed_log = tmp_path / "resumed.log"
-    resumed = _start(_instruct_args(crashed_dir, *common, resume="latest"), resumed_log)
+    resumed = _start(_instruct_args(crashed_dir, *common, resume_from_checkpoint="latest"), resumed_log)
     _wait(resumed, resumed_log)
     _wait(straight, tmp_path / "straight.log")
     assert f"resumed from {latest}" in resumed_log.read_text(), where
@@ -158,10 +159,10 @@ def test_nan_loss_in_a_real_stage_run_names_the_step_and_keeps_the_last_good_che
     from vlm_chat.model import VLMModel
 
     out = tmp_path / "run"
-    args = _instruct_args(out, shapes_dir, tiny_clip_dir, tiny_smollm2_dir, max_steps=6, lora_dropout=0.0)
+    args = _instruct_args(out, shapes_dir, tiny_clip_dir, tiny_smollm2_dir, max_steps=6, **{"model.lm.lora_dropout": 0.0})
     monkeypatch.setattr(VLMModel, "forward", _nan_at_call(VLMModel.forward, n=5))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 .*last good checkpoint: .*step-4"):
-        run("instruct", args)
+        run_stage(load_stage_config("instruct", argv=args))
     monkeypatch.undo()
 
     assert [r["step"] for r in _logged_steps(out)] == [1, 2, 3, 4]  # the NaN step was not logged as a result
@@ -172,8 +173,8 @@ def test_nan_loss_in_a_real_stage_run_names_the_step_and_keeps_the_last_good_che
     assert all(torch.isfinite(p).all() for p in chat.model.parameters())
     assert chat.generate(shapes_dir / "images" / "shapes_5_0.png", "What shapes are there?", max_new_tokens=3)
 
-    result = run("instruct", [*args, "--resume=latest"])
-    assert result["resumed_from"].name == "step-4" and result["global_step"] == 6
+    result = run_stage(load_stage_config("instruct", argv=[*args, "--resume_from_checkpoint=latest"]))
+    assert result.resumed_from.name == "step-4" and result.global_step == 6
     assert (out / "final" / "mapper.safetensors").is_file()
 
 

@@ -8,7 +8,7 @@ import torch
 
 from vlm_chat import VLMChat
 from vlm_chat.datasets.shapes import write_shapes_dataset
-from vlm_chat.training.stages import run
+from vlm_chat.training import load_stage_config, run_stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -21,29 +21,36 @@ def shapes_dir(tmp_path_factory):
 
 
 def _args(out, **extra):
-    args = ["--output_dir", str(out), "--per_device_batch_size", "4", "--max_train_samples", "4", "--logging_steps",
-            "1", "--save_steps", "0", "--disable_tqdm", "true", "--max_length", "160", "--lr_scheduler", "constant"]
-    for k, v in extra.items():
-        args += [f"--{k}", str(v)]
-    return args
+    args = {"output_dir": str(out), "per_device_train_batch_size": 4, "max_train_samples": 4, "logging_steps": 1,
+            "save_steps": 0, "disable_tqdm": True, "lr_scheduler_type": "constant"}
+    return {**args, **{k: str(v) if hasattr(v, "is_dir") else v for k, v in extra.items()}}
+
+
+def run(stage, overrides):
+    return run_stage(load_stage_config(stage, overrides=overrides))
+
+
+def _model(vision, lm, dtype, lora_r=16):
+    return {"model.vision.name_or_path": str(vision), "model.lm.name_or_path": str(lm), "model.lm.dtype": dtype,
+            "model.lm.lora_r": lora_r, "model.lm.max_length": 160}
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", "bfloat16"), ("fp16", "float16"), ("no", "auto")])
 def test_stages_train_on_cuda(tmp_path, shapes_dir, tiny_clip_dir, tiny_smollm2_dir, precision, dtype):
     """Stages 1-3 on the GPU with half-precision base weights: finite, falling losses; the result loads on CUDA."""
     common = {"mixed_precision": precision, "seed": 0}
-    pre = run("pretrain", _args(tmp_path / "pre", vision=tiny_clip_dir, lm=tiny_smollm2_dir, max_steps=8, dtype=dtype,
-                                train_file=shapes_dir / "captions.jsonl", mapper_lr=3e-3, lora_r=4, **common))
-    ins = run("instruct", _args(tmp_path / "ins", init_from=pre["final_dir"], max_steps=8, mapper_lr=3e-3,
+    pre = run("pretrain", _args(tmp_path / "pre", **_model(tiny_clip_dir, tiny_smollm2_dir, dtype, lora_r=4),
+                                max_steps=8, train_file=shapes_dir / "captions.jsonl", mapper_lr=3e-3, **common))
+    ins = run("instruct", _args(tmp_path / "ins", init_from=pre.final_dir, max_steps=8, mapper_lr=3e-3,
                                 lora_lr=3e-3, train_file=shapes_dir / "conversations.json", **common))
-    dpo = run("dpo", _args(tmp_path / "dpo", init_from=ins["final_dir"], max_steps=6, train_mapper="false", beta=0.5,
+    dpo = run("dpo", _args(tmp_path / "dpo", init_from=ins.final_dir, max_steps=6, train_mapper=False, beta=0.5,
                            lora_lr=3e-3, train_file=shapes_dir / "preferences.jsonl", **common))
     for result in (pre, ins, dpo):
-        losses = [h["loss"] for h in result["history"]]
+        losses = [h["loss"] for h in result.history]
         assert all(math.isfinite(x) for x in losses), losses
         assert losses[-1] < losses[0], losses
-    assert [h["loss"] for h in dpo["history"]][0] == pytest.approx(math.log(2), abs=2e-3)
-    chat = VLMChat.from_pretrained(dpo["final_dir"])
+    assert [h["loss"] for h in dpo.history][0] == pytest.approx(math.log(2), abs=2e-3)
+    chat = VLMChat.from_pretrained(dpo.final_dir)
     assert chat.device.type == "cuda"
     expected = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.bfloat16)  # auto: bf16 on GPUs
     assert chat.model.mapper.proj[0].weight.dtype == expected

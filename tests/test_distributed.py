@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(launcher, out, shapes, vision, lm, batch):
-    args = ["--output_dir", str(out), "--vision", str(vision), "--lm", str(lm), "--max_steps", "4",
-            "--per_device_batch_size", str(batch), "--train_file", str(shapes / "conversations.json"),
-            "--lora_dropout", "0", "--logging_steps", "1", "--save_steps", "0", "--max_length", "160",
+    args = ["--output_dir", str(out), "--model.vision.name_or_path", str(vision), "--model.lm.name_or_path", str(lm),
+            "--max_steps", "4", "--per_device_train_batch_size", str(batch), "--train_file",
+            str(shapes / "conversations.json"), "--model.lm.lora_dropout", "0", "--logging_steps", "1", "--save_steps",
+            "0", "--model.lm.max_length", "160",
             "--max_turns_per_sample", "2", "--disable_tqdm", "true", "--mapper_lr", "3e-3", "--lora_lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(launcher + [str(ROOT / "train" / "instruct.py"), *args], capture_output=True, text=True,

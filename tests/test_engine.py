@@ -70,9 +70,9 @@ def _cfg(out, **kw):
     base = dict(
         output_dir=str(out),
         max_steps=6,
-        per_device_batch_size=4,
+        per_device_train_batch_size=4,
         learning_rate=0.02,
-        lr_scheduler="constant",
+        lr_scheduler_type="constant",
         save_steps=0,
         logging_steps=1,
         disable_tqdm=True,
@@ -94,7 +94,7 @@ def test_loss_goes_down_and_frozen_params_stay_bit_identical(tmp_path):
     model = Model()
     before = _weights(model)
     result = train(model, _dataset(16), _collate, LossFn(), _cfg(tmp_path, max_steps=60, learning_rate=0.05))
-    losses = [h["loss"] for h in result["history"]]
+    losses = [h["loss"] for h in result.history]
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < 0.1 * sum(losses[:5]) / 5
     after = model.state_dict()
@@ -107,10 +107,10 @@ def test_loss_goes_down_and_frozen_params_stay_bit_identical(tmp_path):
 def test_exact_resume_after_crash_equals_uninterrupted_run(tmp_path):
     # Dropout (RNG), gradient accumulation, and an epoch boundary inside the resumed part all must line up:
     # 32 samples / (4 x 2) = 4 steps per epoch, crash in step 4, resume from step 3.
-    cfg = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=3, lr_scheduler="cosine", warmup_steps=2)
+    cfg = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=3, lr_scheduler_type="cosine", warmup_steps=2)
     straight = Model(dropout=0.2)
     result = train(straight, _dataset(), _collate, LossFn(), _cfg(tmp_path / "a", **cfg))
-    straight_losses = [h["loss"] for h in result["history"]]
+    straight_losses = [h["loss"] for h in result.history]
 
     crashed = Model(dropout=0.2)
     with pytest.raises(SimulatedCrash):
@@ -118,10 +118,10 @@ def test_exact_resume_after_crash_equals_uninterrupted_run(tmp_path):
     assert find_latest_checkpoint(tmp_path / "b").name == "step-3"
 
     resumed = Model(dropout=0.2)  # fresh process: weights come from the checkpoint
-    result = train(resumed, _dataset(), _collate, LossFn(), _cfg(tmp_path / "b", resume="latest", **cfg))
-    assert result["resumed_from"].name == "step-3"
-    assert [h["step"] for h in result["history"]] == [4, 5, 6]
-    assert [h["loss"] for h in result["history"]] == straight_losses[3:]  # exact, not approximate
+    result = train(resumed, _dataset(), _collate, LossFn(), _cfg(tmp_path / "b", resume_from_checkpoint="latest", **cfg))
+    assert result.resumed_from.name == "step-3"
+    assert [h["step"] for h in result.history] == [4, 5, 6]
+    assert [h["loss"] for h in result.history] == straight_losses[3:]  # exact, not approximate
     assert _log_losses(tmp_path / "b") == straight_losses  # the log has no duplicate/partial steps
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -147,9 +147,9 @@ def test_crash_mid_save_keeps_previous_checkpoint_loadable(tmp_path):
 
     # The half-written temporary directory is ignored and cleaned; the run resumes from step 2 and finishes.
     resumed = Model()
-    result = train(resumed, _dataset(), _collate, LossFn(), _cfg(tmp_path, save_steps=2, resume="latest"))
-    assert result["resumed_from"].name == "step-2"
-    assert result["global_step"] == 6
+    result = train(resumed, _dataset(), _collate, LossFn(), _cfg(tmp_path, save_steps=2, resume_from_checkpoint="latest"))
+    assert result.resumed_from.name == "step-2"
+    assert result.global_step == 6
     assert not list(checkpoints.glob(".tmp-*"))
     reference = Model()
     train(reference, _dataset(), _collate, LossFn(), _cfg(tmp_path / "ref"))
@@ -186,16 +186,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path)
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     full = Model()
-    r_full = train(full, _dataset(), _collate, LossFn(), _cfg(tmp_path / "full", per_device_batch_size=8))
+    r_full = train(full, _dataset(), _collate, LossFn(), _cfg(tmp_path / "full", per_device_train_batch_size=8))
     accum = Model()
     r_accum = train(
         accum,
         _dataset(),
         _collate,
         LossFn(),
-        _cfg(tmp_path / "acc", per_device_batch_size=4, gradient_accumulation_steps=2),
+        _cfg(tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2),
     )
-    assert [h["loss"] for h in r_accum["history"]] == pytest.approx([h["loss"] for h in r_full["history"]], rel=1e-5)
+    assert [h["loss"] for h in r_accum.history] == pytest.approx([h["loss"] for h in r_full.history], rel=1e-5)
     for key, value in full.state_dict().items():
         torch.testing.assert_close(accum.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
@@ -207,7 +207,7 @@ def test_param_groups_get_their_own_learning_rates(tmp_path):
         {"name": "head", "params": list(model.head.parameters()), "lr": 0.5},
     ]
     cfg = _cfg(tmp_path, max_steps=2, learning_rate=0.01, lr_groups={"encoder": 0.003})
-    record = train(model, _dataset(), _collate, LossFn(), cfg, param_groups=groups)["history"][-1]
+    record = train(model, _dataset(), _collate, LossFn(), cfg, param_groups=groups).history[-1]
     assert record["lr/encoder"] == pytest.approx(0.003)
     assert record["lr/head"] == pytest.approx(0.5)
 
@@ -230,7 +230,7 @@ def test_checkpoint_holds_only_trainable_weights_and_final_dir_is_written(tmp_pa
         (directory / "marker.txt").write_text("model artifacts")
 
     result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, save_steps=3), on_save=on_save)
-    with safe_open(str(result["last_checkpoint"] / "accelerate" / "model.safetensors"), framework="pt") as fh:
+    with safe_open(str(result.last_checkpoint / "accelerate" / "model.safetensors"), framework="pt") as fh:
         assert sorted(fh.keys()) == ["encoder.bias", "encoder.weight", "head.bias", "head.weight"]
     assert (tmp_path / "final" / "marker.txt").read_text() == "model artifacts"
     assert (tmp_path / "checkpoints" / "step-3" / "model" / "marker.txt").is_file()
@@ -238,10 +238,10 @@ def test_checkpoint_holds_only_trainable_weights_and_final_dir_is_written(tmp_pa
 
 def test_resume_refuses_a_different_batch_layout(tmp_path):
     train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=2))
-    with pytest.raises(ConfigError, match="per_device_batch_size: checkpoint 4 vs now 8"):
-        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, per_device_batch_size=8, resume="latest"))
+    with pytest.raises(ConfigError, match="per_device_train_batch_size: checkpoint 4 vs now 8"):
+        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest"))
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, resume=str(tmp_path / "nope")))
+        train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
 
 
 def test_dataset_smaller_than_one_step_is_a_clear_error(tmp_path):
@@ -268,9 +268,9 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
 def test_logged_window_reads_position_at_its_last_step(tmp_path, caplog):
     # 32 samples / batch 4 = 8 steps per epoch; the line logged at step 4 averages the loss over steps 1-4 but gives
     # the epoch and learning rate at step 4 (still in the linear warmup), not their window means.
-    cfg = _cfg(tmp_path, max_steps=8, logging_steps=4, lr_scheduler="linear", warmup_steps=6, learning_rate=0.02)
+    cfg = _cfg(tmp_path, max_steps=8, logging_steps=4, lr_scheduler_type="linear", warmup_steps=6, learning_rate=0.02)
     with caplog.at_level("INFO", logger="vlm_chat.training.engine"):
-        history = train(Model(), _dataset(), _collate, LossFn(), cfg)["history"]
+        history = train(Model(), _dataset(), _collate, LossFn(), cfg).history
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 4/8"))
     history = history[:4]
     assert "epoch=0.5 " in line
@@ -281,14 +281,14 @@ def test_logged_window_reads_position_at_its_last_step(tmp_path, caplog):
 
 
 def test_num_epochs_sets_the_step_count(tmp_path):
-    result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=-1, num_epochs=1.5))
-    assert result["global_step"] == math.ceil(1.5 * 32 / 4)
+    result = train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=-1, num_train_epochs=1.5))
+    assert result.global_step == math.ceil(1.5 * 32 / 4)
 
 
 def test_bf16_autocast_runs_and_is_removed_afterwards(tmp_path):
     model = Model()
     result = train(model, _dataset(), _collate, LossFn(), _cfg(tmp_path, mixed_precision="bf16", max_steps=3))
-    assert all(math.isfinite(h["loss"]) for h in result["history"])
+    assert all(math.isfinite(h["loss"]) for h in result.history)
     assert model(torch.randn(2, 4)).dtype == torch.float32  # accelerate's autocast wrapper is gone
     assert "_original_forward" not in model.__dict__
 
@@ -349,7 +349,7 @@ def test_atomic_directory_survives_death_at_every_filesystem_step(tmp_path, monk
         monkeypatch.undo()
         if not exchange:
             monkeypatch.setattr(engine, "_exchange", lambda a, b: False)
-        engine._recover(target)  # what the next save (or run) does first
+        engine.recover(target)  # what the next save (or run) does first
         assert (target / "weights.txt").read_text() in ("v1", "v2"), f"death at filesystem call {n} of {points}"
         write(target, "v3")  # and saving works again over the leftovers
         assert (target / "weights.txt").read_text() == "v3"
@@ -372,3 +372,20 @@ def test_length_grouped_sampler_cuts_padding_and_stays_deterministic():
     assert list(grouped) != order
     with pytest.raises(ValueError, match="lengths"):
         EpochSampler(10, seed=0, lengths=[1, 2])
+
+
+@pytest.mark.parametrize("max_steps", [3, 8])
+def test_samples_in_run_are_exactly_the_samples_training_draws(tmp_path, max_steps):
+    from vlm_chat.training.sampler import samples_in_run
+
+    drawn = []
+
+    def collate(samples):
+        drawn.extend(i for _, _, i in samples)
+        return _collate(samples)
+
+    # 30 samples, batch 4: 7 steps per epoch (2 samples left out of each); 8 steps cross into a second epoch.
+    data = [(x, y, i) for i, (x, y) in enumerate(_dataset(30))]
+    train(Model(), data, collate, LossFn(), _cfg(tmp_path, max_steps=max_steps, seed=3))
+    trained = drawn[: 4 * max_steps]  # accelerate also prefetches the batch after the last step
+    assert sorted(set(trained)) == samples_in_run(30, seed=3, samples_per_step=4, max_steps=max_steps)

@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output", str(out),
-                           "--set", "pretrain.mapper_pool=1",  # configs/quickstart/pretrain.yaml says 2
+                           "--set", "pretrain.model.mapper.pool=1",  # vlm_chat/recipes/quickstart/pretrain.yaml says 2
                            "--set", "data.easyvqa_balance=true",  # no easy-VQA in --tiny: only recorded
                            "--set", "instruct.independent_turns=true"],  # a DataArgs key no quickstart YAML holds
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
-    assert summary["overrides"] == ["pretrain.mapper_pool=1", "data.easyvqa_balance=true",
+    assert summary["overrides"] == ["pretrain.model.mapper.pool=1", "data.easyvqa_balance=true",
                                     "instruct.independent_turns=true"]
     assert set(summary["results"]) == {"instruct", "dpo"}
     vqa = summary["results"]["dpo"]
@@ -64,7 +64,7 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     card = (shipped / "README.md").read_text()
     assert "Reproduce" in card
     # The card's command trains this run under today's configs: what differs from the YAMLs is spelled out.
-    assert "--set pretrain.mapper_pool=1" in card and "--set instruct.max_steps=12" in card
+    assert "--set pretrain.model.mapper.pool=1" in card and "--set instruct.max_steps=12" in card
     assert "--set data.easyvqa_balance=true" in card and "--set instruct.independent_turns=true" in card
     assert f"MLP over all patches (no pooling) -> {demo.config.num_image_tokens} visual tokens" in card
     # A run made of more than one quickstart call records its commands in recipe.sh; the card shows those instead.
@@ -74,7 +74,7 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = (shipped / "README.md").read_text()
     assert "python train/quickstart.py --output X\npython train/instruct.py --init_from Y\n" in card
-    assert "--set pretrain.mapper_pool=1" not in card
+    assert "--set pretrain.model.mapper.pool=1" not in card
 
 
 def test_bad_set_names_the_expected_form(tmp_path):
@@ -83,3 +83,21 @@ def test_bad_set_names_the_expected_form(tmp_path):
                                str(tmp_path), "--set", bad], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_recipes_ship_as_package_data_and_parse():
+    """The quickstart reads its stage YAMLs from the installed package (a non-editable install has no configs/)."""
+    import tomllib
+
+    import vlm_chat
+    from vlm_chat.training import load_contrastive_config, load_stage_config
+    from vlm_chat.training.quickstart import CONFIG_DIR
+
+    assert CONFIG_DIR.parents[1] == Path(vlm_chat.__file__).resolve().parent
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "recipes/**/*.yaml" in package_data["vlm_chat"]
+    assert load_contrastive_config(CONFIG_DIR / "contrastive.yaml").model.model_type == "clip"
+    pre = load_stage_config("pretrain", CONFIG_DIR / "pretrain.yaml")
+    assert (pre.model.mapper.pool, pre.model.lm.max_length, pre.model.system_prompt) == (2, 256, "")
+    for stage in ("instruct", "dpo"):
+        assert load_stage_config(stage, CONFIG_DIR / f"{stage}.yaml").init_from.endswith("/final")

@@ -1,6 +1,6 @@
 """Stages 0 -> 3 and the evaluation, offline on CPU.
 
-    python train/quickstart.py                 # SmolLM2-135M + easy-VQA + shapes world (see configs/quickstart/)
+    python train/quickstart.py                 # SmolLM2-135M + easy-VQA + shapes world (recipe: vlm_chat/recipes/quickstart/)
     python train/quickstart.py --tiny --output /tmp/qs   # tiny random models, seconds
 """
 

@@ -62,12 +62,23 @@ def ship(run: Path, out: Path) -> None:
         raise SystemExit(f"error: {out} is {size:.1f} MB, over the {MAX_MB} MB the repository allows")
 
 
-#: Keys of configs/quickstart/*.yaml that name this run's own files, not the recipe.
-_PATH_KEYS = {"output_dir", "train_file", "init_from", "vision", "save_steps"}
+#: Keys of the quickstart's recipe YAMLs that name this run's own files, not the recipe.
+_PATH_KEYS = {"output_dir", "train_file", "init_from", "model.vision.name_or_path", "save_steps"}
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """``{"model": {"mapper": {"pool": 2}}}`` -> ``{"model.mapper.pool": 2}`` (the keys ``--set`` takes)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def recipe_overrides(run: Path, scale: float) -> list[str]:
-    """``--set STAGE.KEY=VALUE`` items that make ``quickstart.py --scale X`` with today's ``configs/quickstart/`` YAMLs
+    """``--set STAGE.KEY=VALUE`` items that make ``quickstart.py --scale X`` with today's recipe YAMLs
     train what ``run`` trained (each stage's resolved ``config.yaml`` against the YAML; a YAML that changed after the
     run was trained shows up here instead of silently changing the recipe), plus the run's ``data.*`` items."""
     import yaml
@@ -76,12 +87,12 @@ def recipe_overrides(run: Path, scale: float) -> list[str]:
 
     items, yaml_keys = [], {}
     for stage in ("pretrain", "instruct", "dpo"):
-        recipe = yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())
+        recipe = _flat(yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text()))
         yaml_keys[stage] = set(recipe)
         saved_file = run / stage / "config.yaml"
         if not saved_file.is_file():
             continue
-        saved = yaml.safe_load(saved_file.read_text())
+        saved = _flat(yaml.safe_load(saved_file.read_text()))
         for key, value in recipe.items():
             if key in _PATH_KEYS or key not in saved:
                 continue
@@ -155,7 +166,7 @@ def card(run: Path, out: Path) -> str:
     recipe_file = run / "recipe.sh"
     training = [x for x in recipe_file.read_text().splitlines() if x.strip()] if recipe_file.is_file() else [
         f"python train/quickstart.py --data-only --output {run}",
-        f"python train/contrastive.py --config configs/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
+        f"python train/contrastive.py --config vlm_chat/recipes/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
         f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
         f" --save_steps 1000   # stage 0, 12.5 min here",
         f"python train/quickstart.py --scale {scale:g} --output {run}"

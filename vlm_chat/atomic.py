@@ -17,7 +17,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_directory", "recover"]
+__all__ = ["atomic_directory", "publish", "recover"]
 
 
 def _fsync_tree(root: Path) -> None:
@@ -57,7 +57,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _recover(final: Path) -> None:
+def recover(final: Path) -> None:
     """Undo a crash between the two renames of the fallback swap: bring the moved-aside previous version back."""
     if final.exists():
         return
@@ -67,16 +67,20 @@ def _recover(final: Path) -> None:
         os.replace(aside[-1], final)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     """Make the complete ``tmp`` directory (same parent) appear as ``final``, replacing any old one.
+
+    Args:
+        tmp: a fully written directory next to ``final`` (same filesystem).
+        final: the name it should appear under.
 
     At every instant ``final`` is either the complete old version or the complete new one: a new name is one
     ``os.replace``; an existing directory is swapped with ``renameat2(RENAME_EXCHANGE)`` where the OS has it.
     Elsewhere the old directory is first moved aside under a unique name; if the process dies before the
-    new one is in place, :func:`_recover` restores the old one at the next save.
+    new one is in place, :func:`recover` restores the old one at the next save.
     """
     _fsync_tree(tmp)
-    _recover(final)
+    recover(final)
     if not final.exists():
         os.replace(tmp, final)
     elif _exchange(tmp, final):
@@ -97,7 +101,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Write a directory atomically: fill the yielded temporary directory; it becomes ``final`` on success.
 
     The temporary directory lives next to ``final`` (same filesystem, so the rename is atomic); every file
-    is fsynced before it is published (see :func:`_publish`). If the block raises, or the process dies,
+    is fsynced before it is published (see :func:`publish`). If the block raises, or the process dies,
     ``final`` keeps its previous content (or stays absent); leftovers are cleaned by the next save.
 
     Args:
@@ -108,15 +112,13 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _recover(final)
+    recover(final)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
-        _publish(tmp, final)
+        publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-recover = _recover

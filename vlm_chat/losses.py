@@ -14,19 +14,14 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "CONTRASTIVE_LOSSES",
     "caption_keys",
-    "caption_positives",
     "clip_loss",
     "contrastive_accuracy",
     "dpo_loss",
-    "get_contrastive_loss",
     "siglip_loss",
     "triplet_loss",
 ]
@@ -56,20 +51,13 @@ def _positive_mask(positives: torch.Tensor | None, n: int, device: torch.device)
     return positives.to(device=device, dtype=torch.bool)
 
 
-def caption_positives(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, B]`` mask of pairs whose captions are the same token sequence (``input_ids`` ``[B, L]``, padding ignored).
-
-    Small caption sets repeat captions ("A red circle." for hundreds of images); treating an identical caption of
-    another image as a negative asks the model to tell apart texts that are the same, which caps in-batch accuracy
-    and blurs the embedding (a false negative). Passing this mask makes them positives instead, as label-aware
-    contrastive losses do (UniCL, Yang et al., 2022).
-    """
-    keys = caption_keys(input_ids, attention_mask)
-    return keys[:, None] == keys[None, :]
-
-
 def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B]`` int64 hash of each row's real tokens: equal captions get equal keys whatever their padding.
+
+    Small caption sets repeat captions ("A red circle." for hundreds of images); treating an identical caption of
+    another image as a negative asks the model to tell apart texts that are the same (a false negative). The mask
+    ``keys[:, None] == keys[None, :]`` makes them positives instead, as label-aware contrastive losses do (UniCL,
+    Yang et al., 2022).
 
     A polynomial hash with wrap-around int64 arithmetic; a fixed-size key can be all-gathered across processes
     whose batches were padded to different lengths.
@@ -98,7 +86,8 @@ def clip_loss(
         text_emb: ``[B, D]`` text embeddings; row ``i`` is the caption of image ``i``.
         logit_scale: scalar tensor, the multiplier ``exp(t)`` applied to cosine similarities.
         positives: optional ``[B, B]`` bool mask of matching pairs (default: the diagonal). With several
-            positives in a row the target distribution is uniform over them (see :func:`caption_positives`).
+            positives in a row the target distribution is uniform over them (e.g. pairs whose captions are
+            identical, :func:`caption_keys`).
 
     Returns:
         Scalar loss: the mean of the image->text and text->image cross-entropies over the batch.
@@ -226,32 +215,3 @@ def dpo_loss(
     chosen_rewards = beta * (pi_chosen - ref_chosen).detach()
     rejected_rewards = beta * (pi_rejected - ref_rejected).detach()
     return loss, chosen_rewards, rejected_rewards
-
-
-class _LossRegistry(dict):
-    """A dict whose failed lookups raise ``ValueError`` listing the valid names (config errors, not bugs)."""
-
-    def __missing__(self, name):
-        raise ValueError(f"unknown contrastive loss {name!r}; valid: {sorted(self)}")
-
-
-#: Contrastive losses by config name: ``clip(image_emb, text_emb, logit_scale)``,
-#: ``siglip(image_emb, text_emb, logit_scale, logit_bias)``, ``triplet(image_emb, text_emb, margin)``.
-CONTRASTIVE_LOSSES: dict[str, Callable[..., torch.Tensor]] = _LossRegistry(
-    clip=clip_loss, siglip=siglip_loss, triplet=triplet_loss
-)
-
-
-def get_contrastive_loss(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a contrastive loss by name.
-
-    Args:
-        name: one of ``CONTRASTIVE_LOSSES`` (``clip``, ``siglip``, ``triplet``).
-
-    Returns:
-        The loss function.
-
-    Raises:
-        ValueError: for an unknown name, listing the valid ones.
-    """
-    return CONTRASTIVE_LOSSES[name]

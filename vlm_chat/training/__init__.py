@@ -1,20 +1,41 @@
-"""Training: a compact accelerate engine, typed configs, and the stage-0 contrastive trainer.
+"""Training: the stages as data, a compact accelerate engine, typed configs, and the stage-0 contrastive trainer.
 
+The Python API::
+
+    from vlm_chat.training import load_stage_config, run_stage
+
+    config = load_stage_config("instruct", "my_instruct.yaml", {"max_steps": 100})   # a StageConfig dataclass
+    result = run_stage(config)                                                         # a TrainResult
+
+and for stage 0 ``load_contrastive_config`` / ``run_contrastive``. ``train/*.py`` are the command-line form.
 Names load lazily so ``import vlm_chat.training`` stays cheap (accelerate/transformers import on use).
 """
 
 import importlib
 
 _EXPORTS = {
-    "TrainConfig": "vlm_chat.training.args",
-    "CaptionDataArgs": "vlm_chat.training.args",
-    "ConfigError": "vlm_chat.training.args",
+    "TrainConfig": "vlm_chat.training.train_config",
+    "CaptionDataArgs": "vlm_chat.training.train_config",
+    "ConfigError": "vlm_chat.training.train_config",
+    "RENAMED_KEYS": "vlm_chat.training.args",
     "parse_config": "vlm_chat.training.args",
     "save_config": "vlm_chat.training.args",
     "train": "vlm_chat.training.engine",
+    "TrainResult": "vlm_chat.training.engine",
     "NonFiniteLossError": "vlm_chat.training.engine",
-    "atomic_directory": "vlm_chat.training.engine",
-    "find_latest_checkpoint": "vlm_chat.training.engine",
+    "atomic_directory": "vlm_chat.atomic",
+    "find_latest_checkpoint": "vlm_chat.training.checkpoints",
+    "STAGES": "vlm_chat.training.stages",
+    "Stage": "vlm_chat.training.stages",
+    "StageConfig": "vlm_chat.training.stages",
+    "DataArgs": "vlm_chat.training.stages",
+    "StageArgs": "vlm_chat.training.stages",
+    "load_stage_config": "vlm_chat.training.stages",
+    "run_stage": "vlm_chat.training.stages",
+    "ContrastiveConfig": "vlm_chat.training.contrastive",
+    "ContrastiveResult": "vlm_chat.training.contrastive",
+    "load_contrastive_config": "vlm_chat.training.contrastive",
+    "run_contrastive": "vlm_chat.training.contrastive",
 }
 
 

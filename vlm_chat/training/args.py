@@ -1,19 +1,23 @@
 """Typed training configuration: dataclasses per component, YAML files, command-line overrides.
 
-A stage script composes several dataclasses (say ``ContrastiveModelArgs``, ``CaptionDataArgs`` and
-:class:`TrainConfig`) and calls :func:`parse_config`::
+A stage composes several dataclasses (say ``ContrastiveArgs``, ``CaptionDataArgs`` and :class:`TrainConfig`) and
+calls :func:`parse_config`::
 
-    model_args, data_args, train_cfg = parse_config((ContrastiveModelArgs, CaptionDataArgs, TrainConfig))
+    model_args, data_args, train_cfg = parse_config((ContrastiveArgs, CaptionDataArgs, TrainConfig), argv)
 
-which reads ``--config file.yaml`` (a flat mapping ``key: value``) and then ``--key value`` overrides from
-the command line (the command line wins). Keys form one flat namespace across the dataclasses, like
-``transformers.HfArgumentParser`` (which does the type conversion here). Every key is checked before any
-training starts:
+which reads ``--config file.yaml`` (a mapping ``key: value``), then Python ``overrides``, then ``--key value``
+overrides from the command line (the command line wins). Keys form one flat namespace across the dataclasses, like
+``transformers.HfArgumentParser`` (which does the type conversion here); a ``nested`` section such as ``model:`` (a
+whole :class:`vlm_chat.config.VLMConfig`) is a mapping in the file and dotted keys on the command line
+(``--model.lm.lora_r 8``), checked by :func:`vlm_chat.config.from_dict`. Every key is checked before any training
+starts:
 
 * an unknown key, in the file or on the command line, is a :class:`ConfigError` naming the key, where it
   came from, the closest valid key, and all valid keys;
-* a value of the wrong type (``per_device_batch_size: 2.5``, ``learning_rate: fast``) is a
+* a value of the wrong type (``per_device_train_batch_size: 2.5``, ``learning_rate: fast``) is a
   :class:`ConfigError` naming the key, the expected type, and the valid keys;
+* an old name of a key that now has transformers ``TrainingArguments``' name (``num_epochs``) is a
+  :class:`ConfigError` naming the new one (``num_train_epochs``), see :data:`RENAMED_KEYS`;
 * ``null`` in YAML or ``none``/``null`` on the command line sets an ``Optional`` field to ``None``
   (and is an error for a field that is not optional).
 
@@ -21,6 +25,8 @@ training starts:
 the run.
 """
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -29,13 +35,15 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from transformers import HfArgumentParser, SchedulerType
+from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+from vlm_chat.training.train_config import CaptionDataArgs, ConfigError, FloatDict, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,128 +51,15 @@ __all__ = [
     "CaptionDataArgs",
     "ConfigError",
     "FloatDict",
+    "RENAMED_KEYS",
     "TrainConfig",
     "config_to_dict",
+    "load_yaml",
     "parse_config",
     "save_config",
 ]
 
 _NULLS = {"none", "null", "~"}
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key and lists the valid ones."""
-
-
-class FloatDict(dict):
-    """``{name: float}`` that also parses from a string, so it can be a command-line value.
-
-    Accepted strings: JSON/YAML mappings (``'{"mapper": 1e-3, "lora": 2e-4}'``) or ``mapper=1e-3,lora=2e-4``.
-    """
-
-    def __init__(self, value: Any = None):
-        if value is None:
-            value = {}
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("{"):
-                value = yaml.safe_load(text)
-            else:
-                value = {}
-                for item in filter(None, (part.strip() for part in text.split(","))):
-                    name, sep, number = item.partition("=")
-                    if not sep:
-                        raise ValueError(f"expected name=value, got {item!r}")
-                    value[name.strip()] = number.strip()
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping of name -> number, got {value!r}")
-        super().__init__({str(k): float(v) for k, v in value.items()})
-
-
-@dataclass
-class TrainConfig:
-    """Engine settings shared by all stages (see ``docs/training.md`` for each key)."""
-
-    output_dir: str = field(metadata={"help": "Run directory: checkpoints/, logs/, final/, config.yaml."})
-    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = derive from num_epochs."})
-    num_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is -1."})
-    per_device_batch_size: int = field(default=8, metadata={"help": "Samples per micro-batch per process."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (default for all groups)."})
-    lr_groups: FloatDict | None = field(
-        default=None, metadata={"help": "Per parameter-group learning rates, e.g. mapper=1e-3,lora=2e-4."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases/norms/scalars)."})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name (cosine, linear, ...)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Warmup steps; overrides warmup_ratio when > 0."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of max_steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no", metadata={"help": "accelerate mixed precision; 'no' = fp32 (CPU)."}
-    )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    logging_steps: int = field(default=10, metadata={"help": "Log averaged metrics every N steps."})
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps; 0 = only at the end."})
-    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints; 0 = keep all."})
-    eval_steps: int = field(default=0, metadata={"help": "Run the stage's evaluation every N steps; 0 = at end."})
-    resume: str | None = field(default=None, metadata={"help": "Checkpoint dir, or 'latest' in output_dir."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad data rows instead of failing."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    group_by_length: bool = field(
-        default=False, metadata={"help": "Batch samples of similar length together (less padding; exact resume kept)."}
-    )
-    report_to: Literal["tensorboard", "none"] = field(
-        default="tensorboard", metadata={"help": "Where metrics go besides the log file."}
-    )
-    deterministic: bool = field(default=True, metadata={"help": "torch deterministic algorithms (warn-only)."})
-    disable_tqdm: bool = False
-
-    def __post_init__(self):
-        if self.lr_groups is not None and not isinstance(self.lr_groups, FloatDict):
-            self.lr_groups = FloatDict(self.lr_groups)
-        positive = ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps")
-        non_negative = ("save_steps", "save_total_limit", "eval_steps", "num_workers", "warmup_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
-        for name in non_negative + ("weight_decay", "max_grad_norm", "warmup_ratio"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"config key 'max_steps' must be >= 1 or -1 (use num_epochs), got {self.max_steps}")
-        if self.max_steps == -1 and self.num_epochs <= 0:
-            raise ConfigError(f"config key 'num_epochs' must be > 0 when max_steps is -1, got {self.num_epochs}")
-        if self.warmup_ratio >= 1:
-            raise ConfigError(f"config key 'warmup_ratio' must be < 1, got {self.warmup_ratio}")
-        schedulers = sorted(s.value for s in SchedulerType)
-        if self.lr_scheduler not in schedulers:
-            raise ConfigError(
-                f"config key 'lr_scheduler': unknown scheduler {self.lr_scheduler!r}; valid: {schedulers}"
-            )
-        if self.learning_rate < 0:
-            raise ConfigError(f"config key 'learning_rate' must be >= 0, got {self.learning_rate}")
-
-
-@dataclass
-class CaptionDataArgs:
-    """Image-caption pairs, read by ``vlm_chat.data.load_captions`` (formats: ``docs/data.md``)."""
-
-    train_file: str = field(
-        metadata={
-            "help": "Caption JSONL, or an image folder holding metadata.jsonl (image key 'file_name' or 'image')."
-        }
-    )
-    image_folder: str | None = field(
-        default=None, metadata={"help": "Root that image paths are relative to; default: the JSONL's folder."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
-    image_cache_mb: int = field(
-        default=1024, metadata={"help": "Keep preprocessed images in memory up to this many MB (0: off)."}
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,34 +126,161 @@ def _split_cli(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
     return items
 
 
+#: Keys renamed to transformers ``TrainingArguments``' names; the old name is an error that names the new one.
+RENAMED_KEYS = {
+    "per_device_batch_size": "per_device_train_batch_size",
+    "num_epochs": "num_train_epochs",
+    "lr_scheduler": "lr_scheduler_type",
+    "resume": "resume_from_checkpoint",
+    "num_workers": "dataloader_num_workers",
+}
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a config file: a YAML mapping (empty file: ``{}``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: not valid YAML, or not a mapping; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+def _nested_field(section: str, cls: type, dotted: str, source: str) -> Any:
+    """The type annotation of ``a.b.c`` inside dataclass ``cls``; unknown parts are a ConfigError naming the key."""
+    annotation: Any = cls
+    walked = [section]
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(annotation):
+            raise ConfigError(f"config key {'.'.join(walked)!r} in {source} is a value, not a section")
+        hints = typing.get_type_hints(annotation)
+        names = [f.name for f in dataclasses.fields(annotation)]
+        if part not in names:
+            key = ".".join([*walked, part])
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean {'.'.join([*walked, close[0]])!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}; valid keys there: {', '.join(names)}")
+        walked.append(part)
+        annotation = hints[part]
+    return annotation
+
+
+def _from_text(text: str, annotation: Any, key: str, source: str) -> Any:
+    """A command-line string as a value of ``annotation`` (from_dict checks the result's type)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if text.lower() in _NULLS and type(None) in typing.get_args(annotation):
+        return None
+    target = args[0] if len(args) == 1 else annotation
+    try:
+        if target is bool:
+            return string_to_bool(text)
+        if target in (int, float):
+            return target(text)
+        if target is str or (str in args and not text.startswith("[")):
+            if list[str] in args and "," in text:
+                return [t.strip() for t in text.split(",") if t.strip()]
+            return text
+        return yaml.safe_load(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        raise ConfigError(f"config key {key!r} in {source}: {text!r} is not a valid {_type_name(annotation)}") from err
+
+
+def _merge(into: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        into = into.setdefault(part, {})
+        if not isinstance(into, dict):
+            raise ConfigError(f"config key {part!r} is a value, not a section")
+    into[last] = value
+
+
+def _build_nested(name: str, cls: type, sources: list[tuple[str, Any]]) -> Any:
+    """One nested section (e.g. ``model``) from mapping sources merged in order; None if no source sets it."""
+    from vlm_chat.config import from_dict
+
+    merged: dict[str, Any] = {}
+    for source, value in sources:
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        try:
+            from_dict(cls, value, source, prefix=f"{name}.")  # each source on its own: errors name their source
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        _deep_update(merged, value)
+    if not sources:
+        return None
+    return from_dict(cls, merged, "config", prefix=f"{name}.")
+
+
+def _deep_update(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
 def parse_config(
-    dataclass_types: Iterable[type], argv: Sequence[str] | None = None, prog: str | None = None
+    dataclass_types: Iterable[type],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    *,
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    nested: Mapping[str, type] | None = None,
+    moved: Mapping[str, str] | None = None,
 ) -> tuple[Any, ...]:
-    """Build the dataclasses from ``--config file.yaml`` plus ``--key value`` overrides.
+    """Build the dataclasses from a YAML file, Python overrides and ``--key value`` command-line overrides.
+
+    Sources apply in this order, later ones winning: ``config_file`` (or ``--config FILE`` in ``argv``), then
+    ``overrides``, then the rest of ``argv``.
 
     Args:
         dataclass_types: the config dataclasses to fill, in order; field names must be unique across them.
         argv: command-line arguments without the program name; default ``sys.argv[1:]``.
             ``--help`` prints every key with its default and exits.
         prog: program name for ``--help``.
+        config_file: a YAML file to read first (``--config`` on the command line replaces it).
+        overrides: ``{key: value}`` with Python values, checked like YAML values (``{"max_steps": 5}``).
+        nested: sections that are a whole dataclass, e.g. ``{"model": VLMConfig}``: a mapping under that key in the
+            file or the overrides, ``model.lm.lora_r``-style dotted keys in the overrides and on the command line
+            (``--model.lm.lora_r 8``). Each becomes one more returned value (None when no source sets it).
+        moved: ``{old key: new key}`` of keys that moved (e.g. into a nested section); the old key is an error naming
+            the new one, like the names in :data:`RENAMED_KEYS`.
 
     Returns:
-        One instance per dataclass, in the given order.
+        One instance per dataclass, in the given order, then one value per ``nested`` section.
 
     Raises:
-        ConfigError: unknown key, wrong type, null for a non-optional key, missing required key, or an
-            unreadable/malformed YAML file; the message names the key (and the file) and lists valid keys.
-        FileNotFoundError: the ``--config`` file does not exist.
+        ConfigError: unknown key (or an old name, naming the new one), wrong type, null for a non-optional key,
+            missing required key, or an unreadable/malformed YAML file; the message names the key (and the file)
+            and lists valid keys.
+        FileNotFoundError: the config file does not exist.
     """
     dataclass_types = list(dataclass_types)
-    argv = list(sys.argv[1:] if argv is None else argv)
+    nested = dict(nested or {})
+    argv = list(sys.argv[1:] if argv is None and overrides is None and config_file is None else argv or [])
     valid_text = _valid_keys_text(dataclass_types)
     parser = _Parser(dataclass_types, valid_text, prog=prog, allow_abbrev=False)
     if "-h" in argv or "--help" in argv:
         parser.add_argument("--config", help="YAML file of key: value pairs; command-line keys override it.")
+        for name, cls in nested.items():
+            parser.add_argument(f"--{name}.KEY", metavar="VALUE", help=f"a key of the {name} section "
+                                f"({cls.__name__}) as a dotted name, e.g. --{name}.<part>.<key> VALUE")
         parser.parse_args(["--help"])  # prints help and exits
 
-    config_path = None
+    config_path = config_file
     rest: list[str] = []
     i = 0
     while i < len(argv):
@@ -283,24 +305,44 @@ def parse_config(
 
     sources: list[tuple[str, list[tuple[str, Any]]]] = []
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {config_path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{config_path}: not valid YAML: {err}") from err
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config_path}: expected a mapping of key: value, got {type(data).__name__}")
-        sources.append((f"config file {config_path}", [(str(k), v) for k, v in data.items()]))
+        data = load_yaml(config_path)
+        sources.append((f"config file {config_path}", list(data.items())))
+    if overrides:
+        sources.append(("the overrides", [(str(k), v) for k, v in overrides.items()]))
     sources.append(("the command line", [(k, vals) for k, vals in _split_cli(rest)]))
 
     final: dict[str, tuple[str, Any]] = {}  # key -> (source, raw value); later sources win
+    sections: dict[str, list[tuple[str, Any]]] = {name: [] for name in nested}
     for source, items in sources:
         from_cli = source == "the command line"
         for key, raw in items:
+            head = key.partition(".")[0]
+            if head in nested:
+                if key == head:  # a whole section
+                    if from_cli:
+                        raise ConfigError(f"{source}: set keys of '{head}' one by one, e.g. --{head}.KEY value")
+                    if raw is not None:
+                        sections[head].append((source, raw))
+                    continue
+                sub = key[len(head) + 1 :]
+                annotation = _nested_field(head, nested[head], sub, source)
+                if from_cli and dataclasses.is_dataclass(annotation):
+                    first = dataclasses.fields(annotation)[0].name
+                    raise ConfigError(f"config key {key!r} in {source} is a section; set its keys, e.g. --{key}.{first}")
+                if from_cli:
+                    if len(raw) != 1:
+                        raise ConfigError(f"config key {key!r} in {source} takes one value, got {raw!r}")
+                    raw = _from_text(raw[0], annotation, key, source)
+                part: dict[str, Any] = {}
+                _merge(part, sub, raw)
+                sections[head].append((source, part))
+                continue
+            if key in RENAMED_KEYS:
+                raise ConfigError(
+                    f"config key {key!r} in {source} is now {RENAMED_KEYS[key]!r} (transformers TrainingArguments' name)"
+                )
+            if moved and key in moved:
+                raise ConfigError(f"config key {key!r} in {source} is now {moved[key]!r}")
             if key in complement:
                 if not from_cli:
                     raise ConfigError(f"unknown config key {key!r} in {source}; write '{complement[key]}: false'")
@@ -311,7 +353,7 @@ def parse_config(
                 raise ConfigError(f"unknown config key {key!r} in {source}{hint}; valid keys: {valid_text}")
             strings = raw if from_cli else (None if raw is None else _to_strings(raw))
             if from_cli and len(strings) == 1 and strings[0].lower() in _NULLS and _is_optional(types_by_key[key][1]):
-                strings = None  # "--resume none"; for a non-optional key "none" stays a value (report_to: none)
+                strings = None  # "--resume_from_checkpoint none"; for a non-optional key "none" stays a value
             _check_value(parser, key, types_by_key[key][1], strings, source, valid_text, raw, from_cli)
             final[key] = (source, strings)
 
@@ -334,6 +376,8 @@ def parse_config(
         names = {f.name for f in dataclasses.fields(obj) if f.init}
         changes = {k: None for k in nulls if k in names}
         out.append(dataclasses.replace(obj, **changes) if changes else obj)
+    for name, cls in nested.items():
+        out.append(_build_nested(name, cls, sections[name]))
     return tuple(out)
 
 
@@ -397,22 +441,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def config_to_dict(*objs: Any) -> dict[str, Any]:
-    """Flatten config dataclass instances into one ``{key: plain value}`` mapping (the YAML layout)."""
+def config_to_dict(*objs: Any, sections: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Flatten config dataclass instances into one ``{key: plain value}`` mapping (the YAML layout).
+
+    Args:
+        *objs: flat config dataclasses; their fields become top-level keys.
+        sections: nested sections (``{"model": VLMConfig(...)}``) written as mappings; None values are left out.
+    """
     out: dict[str, Any] = {}
     for obj in objs:
         for f in dataclasses.fields(obj):
             if f.init:
                 out[f.name] = _plain(getattr(obj, f.name))
+    for name, value in (sections or {}).items():
+        if value is not None:
+            out[name] = _plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
     return out
 
 
-def save_config(path: str | os.PathLike, *objs: Any) -> Path:
+def save_config(path: str | os.PathLike, *objs: Any, sections: Mapping[str, Any] | None = None) -> Path:
     """Write the resolved configuration as YAML (loadable again with ``--config``).
 
     Args:
         path: file to write; its folder is created.
         *objs: the config dataclass instances of the run.
+        sections: nested sections, as in :func:`config_to_dict`.
 
     Returns:
         The written path.
@@ -423,6 +476,6 @@ def save_config(path: str | os.PathLike, *objs: Any) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("# Resolved configuration of this run; reproduce with --config <this file>.\n")
-        yaml.safe_dump(config_to_dict(*objs), fh, sort_keys=False, allow_unicode=True)
+        yaml.safe_dump(config_to_dict(*objs, sections=sections), fh, sort_keys=False, allow_unicode=True)
     os.replace(tmp, path)
     return path

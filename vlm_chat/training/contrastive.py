@@ -23,232 +23,42 @@ gradients, so a 2-process run computes the loss over the same global batch as a 
 the per-device batch.
 """
 
+import dataclasses
 import json
 import logging
 import math
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from accelerate.utils import set_seed
 from torch import nn
 
 from vlm_chat.losses import caption_keys, clip_loss, contrastive_accuracy, siglip_loss, triplet_loss
 from vlm_chat.training.args import CaptionDataArgs, ConfigError, TrainConfig, config_to_dict, parse_config, save_config
-from vlm_chat.training.engine import train
+from vlm_chat.training.encoders import ContrastiveArgs, build_model, build_word_tokenizer
+from vlm_chat.training.engine import TrainResult, train
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ContrastiveArgs",
     "ContrastiveCollator",
+    "ContrastiveConfig",
+    "ContrastiveResult",
     "DualEncoder",
     "build_model",
     "build_word_tokenizer",
+    "load_contrastive_config",
     "main",
-    "run",
+    "run_contrastive",
 ]
-
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-# EOS must not be id 2: CLIPTextTransformer treats eos_token_id == 2 as the legacy OpenAI config and pools at
-# argmax(input_ids) instead of at the EOS token.
-SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0, 1, 2, 3
-
-
-@dataclass
-class ContrastiveArgs:
-    """Stage-0 model and loss settings; sizes apply only when building a new model (no ``init_from``)."""
-
-    model_type: Literal["clip", "siglip"] | None = field(
-        default=None, metadata={"help": "clip | siglip; default clip, or the init_from checkpoint's type."}
-    )
-    init_from: str | None = field(
-        default=None, metadata={"help": "A CLIP/SigLIP directory (model + processor) to continue training."}
-    )
-    loss: Literal["clip", "siglip", "triplet"] | None = field(
-        default=None, metadata={"help": "clip | siglip | triplet; default: the model type's own loss."}
-    )
-    margin: float = field(default=0.2, metadata={"help": "triplet: cosine margin to the hardest negative."})
-    same_caption_positive: bool = field(
-        default=True,
-        metadata={"help": "Pairs whose captions are identical count as matches, not negatives (vlm_chat.losses)."},
-    )
-    logit_scale_init: float | None = field(
-        default=None, metadata={"help": "log of the initial logit scale; default log(1/0.07) clip, log(10) siglip."}
-    )
-    logit_bias_init: float = field(default=-10.0, metadata={"help": "siglip loss: initial logit bias."})
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden_size: int = 64
-    vision_layers: int = 2
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = field(default=4, metadata={"help": "MLP width as a multiple of the hidden size."})
-    projection_dim: int = field(default=64, metadata={"help": "clip: shared embedding size (siglip: vision size)."})
-    max_text_length: int = field(default=32, metadata={"help": "Text positions (tokens incl. <bos>/<eos>)."})
-    vocab_size: int = field(default=8192, metadata={"help": "Most words kept in the caption vocabulary."})
-    vocab_min_frequency: int = field(default=1, metadata={"help": "Words rarer than this map to <unk>."})
-
-    def __post_init__(self):
-        for name in ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size",
-                     "text_layers", "num_heads", "mlp_ratio", "projection_dim", "max_text_length"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        for name in ("vision_hidden_size", "text_hidden_size"):
-            if getattr(self, name) % self.num_heads:
-                raise ValueError(f"{name} {getattr(self, name)} is not divisible by num_heads {self.num_heads}")
-        if self.max_text_length < 3:
-            raise ValueError("max_text_length must leave room for <bos>, a word and <eos> (>= 3)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer, model, processor
-
-
-def build_word_tokenizer(captions: Sequence[str], model_type: str, max_length: int, vocab_size: int = 8192,
-                         min_frequency: int = 1):  # fmt: skip
-    """A word-level tokenizer trained on ``captions``, as a transformers fast tokenizer.
-
-    Lower-cased, NFKC-normalised words; punctuation is split off. ``<bos> words <eos>`` for CLIP,
-    ``words <eos>`` for SigLIP (as their own tokenizers do). Ids: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2,
-    ``<eos>`` 3, then words by frequency.
-
-    Args:
-        captions: training captions.
-        model_type: ``clip`` or ``siglip``.
-        max_length: ``model_max_length`` (the text tower's positions).
-        vocab_size: most entries, special tokens included.
-        min_frequency: words seen fewer times become ``<unk>``.
-
-    Returns:
-        A ``PreTrainedTokenizerFast``; ``AutoTokenizer.from_pretrained`` reloads what it saves.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tok.train_from_iterator(list(captions), trainer)
-    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
-    single = f"{BOS} $A {EOS}" if model_type == "clip" else f"$A {EOS}"
-    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[(BOS, bos), (EOS, eos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        model_max_length=max_length,
-        padding_side="right",
-    )
-
-
-def _new_model(args: ContrastiveArgs, model_type: str, tokenizer) -> nn.Module:
-    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
-
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    text = dict(
-        hidden_size=args.text_hidden_size,
-        intermediate_size=args.text_hidden_size * args.mlp_ratio,
-        num_hidden_layers=args.text_layers,
-        num_attention_heads=args.num_heads,
-        max_position_embeddings=args.max_text_length,
-        **ids,
-    )
-    vision = dict(
-        hidden_size=args.vision_hidden_size,
-        intermediate_size=args.vision_hidden_size * args.mlp_ratio,
-        num_hidden_layers=args.vision_layers,
-        num_attention_heads=args.num_heads,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-    )
-    if model_type == "clip":
-        scale = args.logit_scale_init if args.logit_scale_init is not None else math.log(1 / 0.07)
-        config = CLIPConfig(
-            text_config=text, vision_config=vision, projection_dim=args.projection_dim, logit_scale_init_value=scale
-        )
-        config.text_config.eos_token_id = tokenizer.eos_token_id  # pooling position (see module docstring)
-        return CLIPModel(config)
-    # SigLIP has no separate projection for images: the text head projects to the vision width.
-    config = SiglipConfig(text_config={**text, "projection_size": args.vision_hidden_size}, vision_config=vision)
-    model = SiglipModel(config)
-    with torch.no_grad():  # the paper's initialisation: t' = log 10, b = -10
-        model.logit_scale.fill_(args.logit_scale_init if args.logit_scale_init is not None else math.log(10.0))
-        model.logit_bias.fill_(args.logit_bias_init)
-    return model
-
-
-def _image_processor(model_type: str, image_size: int):
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
-    if model_type == "clip":
-        return CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        )
-    return SiglipImageProcessor(size={"height": image_size, "width": image_size})
-
-
-def build_model(args: ContrastiveArgs, captions: Sequence[str] | None = None):
-    """Build a new dual encoder and its processor, or load ``args.init_from``.
-
-    Args:
-        args: stage settings.
-        captions: training captions (the tokenizer's vocabulary) for a new model.
-
-    Returns:
-        ``(model, processor, model_type)``: a ``CLIPModel``/``SiglipModel``, its ``CLIPProcessor``/
-        ``SiglipProcessor``, and ``"clip"``/``"siglip"``.
-    """
-    from transformers import AutoConfig, AutoProcessor, CLIPModel, CLIPProcessor, SiglipModel, SiglipProcessor
-
-    if args.init_from:
-        config = AutoConfig.from_pretrained(args.init_from)
-        if config.model_type not in ("clip", "siglip"):
-            raise ValueError(f"init_from {args.init_from}: model_type {config.model_type!r}, expected clip or siglip")
-        if args.model_type and args.model_type != config.model_type:
-            raise ValueError(f"model_type {args.model_type!r} but init_from {args.init_from} is {config.model_type!r}")
-        model_cls = CLIPModel if config.model_type == "clip" else SiglipModel
-        model = model_cls.from_pretrained(args.init_from)
-        processor = AutoProcessor.from_pretrained(args.init_from)
-        logger.info(
-            "continuing from %s (%s); size settings in the config are ignored", args.init_from, config.model_type
-        )
-        return model, processor, config.model_type
-
-    model_type = args.model_type or "clip"
-    if not captions:
-        raise ValueError("a new model needs training captions to build its vocabulary")
-    tokenizer = build_word_tokenizer(
-        captions, model_type, args.max_text_length, args.vocab_size, args.vocab_min_frequency
-    )
-    model = _new_model(args, model_type, tokenizer)
-    processor_cls = CLIPProcessor if model_type == "clip" else SiglipProcessor
-    processor = processor_cls(image_processor=_image_processor(model_type, args.image_size), tokenizer=tokenizer)
-    logger.info(
-        "new %s: vision %dx%d (%d px, patch %d), text %dx%d, vocabulary %d words, %.2fM parameters",
-        model_type, args.vision_layers, args.vision_hidden_size, args.image_size, args.patch_size, args.text_layers,
-        args.text_hidden_size, len(tokenizer), sum(p.numel() for p in model.parameters()) / 1e6,
-    )  # fmt: skip
-    return model, processor, model_type
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training pieces
@@ -291,28 +101,12 @@ class DualEncoder(nn.Module):
         return out.image_embeds, out.text_embeds, scale, bias
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather that passes gradients back to their process (equal batch sizes on every rank)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)  # [world * B, D]
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank computed the same global loss; sum their gradients w.r.t. this rank's rows. DDP then
-        # averages parameter gradients over ranks, which undoes the factor world_size of this sum.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
-
-
 def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' rows ``[world * B, D]``; gradients flow back to the process that computed each row."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _GatherWithGrad.apply(tensor)
+        # Every rank computes the same global loss; the backward of this all_gather sums their gradients w.r.t. this
+        # rank's rows, and DDP's averaging over ranks then undoes that factor world_size.
+        return torch.cat(dist_nn.all_gather(tensor.contiguous()))
     return tensor
 
 
@@ -406,7 +200,7 @@ def _last_log_record(output_dir: Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
-def _model_card(model_type: str, args: ContrastiveArgs, cfg: TrainConfig, argv: Sequence[str]) -> str:
+def _model_card(model_type: str, args: ContrastiveArgs, cfg: TrainConfig, command: str) -> str:
     cls = "CLIPModel" if model_type == "clip" else "SiglipModel"
     origin = f"`{args.init_from}`" if args.init_from else "scratch"
     lines = [
@@ -423,7 +217,7 @@ def _model_card(model_type: str, args: ContrastiveArgs, cfg: TrainConfig, argv: 
     ]
     if model_type == "siglip":
         lines += ['Call the processor with `padding="max_length"`: the text tower pools the last position.', ""]
-    lines += ["## Training", "", "```", "python train/contrastive.py " + shlex.join(argv), "```", ""]
+    lines += ["## Training", "", "```", command, "```", ""]
     last = _last_log_record(Path(cfg.output_dir))
     if last:
         lines += [
@@ -435,20 +229,63 @@ def _model_card(model_type: str, args: ContrastiveArgs, cfg: TrainConfig, argv: 
     return "\n".join(lines)
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``--config`` + overrides, train, and write ``output_dir/final`` (a standard CLIP/SigLIP directory).
+@dataclass
+class ContrastiveConfig:
+    """One stage-0 run: the dual encoder and its loss, the caption data, the engine settings.
 
     Args:
-        argv: command-line arguments (default ``sys.argv[1:]``); keys in ``docs/training.md``.
+        model: the encoder to build (or ``init_from``) and the loss.
+        data: the image-caption pairs.
+        train: engine settings (transformers ``TrainingArguments`` names where they exist).
+        command: how the run was started, for the model card (the command-line shim fills it in).
+    """
+
+    model: ContrastiveArgs
+    data: CaptionDataArgs
+    train: TrainConfig
+    command: str = ""
+
+
+@dataclass
+class ContrastiveResult(TrainResult):
+    """:class:`~vlm_chat.training.engine.TrainResult` plus the trained encoder.
+
+    Attributes:
+        model_type: ``clip`` or ``siglip``.
+        model: the trained ``CLIPModel`` / ``SiglipModel``.
+        processor: its processor.
+    """
+
+    model_type: str = ""
+    model: Any = None
+    processor: Any = None
+
+
+def load_contrastive_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                            argv: Sequence[str] | None = None) -> ContrastiveConfig:
+    """A :class:`ContrastiveConfig` from a YAML file, then Python ``overrides``, then ``--key value`` in ``argv``.
+
+    Raises:
+        ConfigError: an unknown key (naming it and the valid ones), an old key name, or a wrong type.
+    """
+    args, data, cfg = parse_config((ContrastiveArgs, CaptionDataArgs, TrainConfig), list(argv or []),
+                                   "train/contrastive.py", config_file=config_file, overrides=overrides)
+    return ContrastiveConfig(model=args, data=data, train=cfg)
+
+
+def run_contrastive(config: ContrastiveConfig) -> ContrastiveResult:
+    """Train, and write ``output_dir/final`` (a standard CLIP/SigLIP directory).
+
+    Args:
+        config: the run (:func:`load_contrastive_config` reads one from YAML).
 
     Returns:
-        The engine's result dict (``final_dir``, ``history``, ``last_checkpoint``, ...) plus ``model_type``,
-        and the trained ``model`` and its ``processor``.
+        The engine's result (``final_dir``, ``history``, ``last_checkpoint``, ...) with ``model_type`` and the trained
+        ``model`` and its ``processor``.
     """
     from vlm_chat.data import load_captions
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, data_args, cfg = parse_config((ContrastiveArgs, CaptionDataArgs, TrainConfig), argv, "train/contrastive.py")
+    args, data_args, cfg = dataclasses.replace(config.model), config.data, config.train
     rows, report = load_captions(data_args.train_file, data_args.image_folder, skip_bad_rows=cfg.skip_bad_rows)
     if data_args.max_train_samples:
         rows = rows.select(range(min(data_args.max_train_samples, len(rows))))
@@ -462,12 +299,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     wrapper = DualEncoder(model, args.loss, args.logit_bias_init)
     max_length = model.config.text_config.max_position_embeddings
+    command = config.command or "run_contrastive(load_contrastive_config('config.yaml'))"
 
     def on_save(directory: Path) -> None:
         model.save_pretrained(directory)
         processor.save_pretrained(directory)
         processor.image_processor.save_pretrained(directory)  # also preprocessor_config.json, for older loaders
-        (directory / "README.md").write_text(_model_card(model_type, args, cfg, argv), encoding="utf-8")
+        (directory / "README.md").write_text(_model_card(model_type, args, cfg, command), encoding="utf-8")
 
     def enable_gradient_checkpointing(module: DualEncoder) -> None:
         module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -481,15 +319,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         on_save=on_save,
         gradient_checkpointing_fn=enable_gradient_checkpointing,
     )
-    result.update(model_type=model_type, model=model, processor=processor)
-    return result
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    return ContrastiveResult(**fields, model_type=model_type, model=model, processor=processor)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> ContrastiveResult:
     """Command-line entry point of ``train/contrastive.py``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = run(argv)
+        config = load_contrastive_config(argv=argv)
     except ConfigError as err:  # a config mistake deserves a message, not a traceback
         raise SystemExit(f"error: {err}") from None
-    print(f"final model: {result['final_dir']}")
+    config.command = "python train/contrastive.py " + shlex.join(argv)
+    result = run_contrastive(config)
+    print(f"final model: {result.final_dir}")
+    return result

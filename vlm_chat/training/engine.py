@@ -1,49 +1,38 @@
 """The training engine: one compact accelerate loop shared by all four stages.
 
-Why not ``transformers.Trainer``? We need guarantees that are awkward to bolt onto it and short to
-write directly on ``accelerate``:
+Why not ``transformers.Trainer``? We need guarantees that are awkward to bolt onto it and short to write directly on
+``accelerate``; each is kept in one named place of :class:`_Run`:
 
-* **exact resume** - the losses after ``--resume`` equal those of an uninterrupted run. Data order depends
-  only on ``(seed, epoch)`` (:class:`EpochSampler`), the position inside the epoch is restored with
-  ``accelerator.skip_first_batches``, and every micro-batch reseeds ``random``/``numpy``/``torch`` from
-  ``(seed, step, micro-batch, rank)``, so dropout and any other randomness do not depend on how many
-  random numbers were drawn before a crash;
-* **atomic checkpoints** - everything goes to a temporary directory in the same parent, is fsynced, and
-  appears under its final name with one ``os.replace``; a crash mid-save leaves the previous checkpoint
-  loadable, and ``--resume latest`` only considers complete checkpoints;
-* **NaN/inf stops the run** - a non-finite loss (or gradient norm) raises :class:`NonFiniteLossError`
-  naming the step before any weight is touched; the last good checkpoint stays on disk;
+* **exact resume** (:meth:`_Run.resume`, :meth:`_Run.micro_step`) - the losses after ``resume_from_checkpoint``
+  equal those of an uninterrupted run. Data order depends only on ``(seed, epoch)`` (:class:`EpochSampler`), the
+  position inside the epoch is restored with ``accelerator.skip_first_batches``, and every micro-batch reseeds
+  ``random``/``numpy``/``torch`` from ``(seed, step, micro-batch, rank)``, so dropout and any other randomness do not
+  depend on how many random numbers were drawn before a crash; a checkpoint of another batch layout is refused;
+* **atomic checkpoints** (:meth:`_Run.save_checkpoint`) - everything goes to a temporary directory in the same
+  parent, is fsynced, and appears under its final name at once (:func:`vlm_chat.atomic.publish`); a crash mid-save
+  leaves the previous checkpoint loadable, and ``resume_from_checkpoint: latest`` only considers complete ones;
+* **NaN/inf stops the run** (:meth:`_Run.check_finite`) - a non-finite loss (or gradient norm) raises
+  :class:`NonFiniteLossError` naming the step before any weight is touched; the last good checkpoint stays on disk;
 * **parameter groups** with their own learning rates (mapper vs LoRA), overridable from the config;
 * **one loop for all stages**: a stage supplies a model, a dataset, a collate function and
-  ``loss_fn(model, batch) -> (loss, metrics)``; stage 3 (DPO) runs policy and reference (the same model
-  with adapters disabled) inside its ``loss_fn``.
+  ``loss_fn(model, batch) -> (loss, metrics)``; stage 3 (DPO) runs policy and reference inside its ``loss_fn``.
 
-accelerate provides mixed precision (``no``/``bf16``/``fp16``), gradient accumulation, DDP/FSDP/DeepSpeed
-through ``accelerate launch``, ``save_state``/``load_state`` (weights, optimizer, scheduler, RNG, scaler)
-and TensorBoard logging; the learning-rate schedule is ``transformers.get_scheduler``.
-
-Layout of ``output_dir``::
-
-    checkpoints/step-N/trainer_state.json   engine position (written last: marks the checkpoint complete)
-    checkpoints/step-N/accelerate/          accelerate state: trainable weights, optimizer, scheduler, RNG
-    checkpoints/step-N/model/               whatever the stage's ``on_save(dir)`` writes (e.g. save_pretrained)
-    final/                                  ``on_save`` output after the last step (atomic as well)
-    train_log.jsonl                         one JSON line per optimizer step (loss, lr, metrics)
-    logs/                                   TensorBoard event files
-
-Only *trainable* parameters (and buffers) are stored in ``accelerate/``: frozen weights (a vision tower,
-an LLM under LoRA) are rebuilt by the stage from their source, so a checkpoint costs the size of what
-is trained. On resume the stored keys are checked against the model's trainable parameters.
+accelerate provides mixed precision (``no``/``bf16``/``fp16``), gradient accumulation, DDP/FSDP/DeepSpeed through
+``accelerate launch``, ``save_state``/``load_state`` (weights, optimizer, scheduler, RNG, scaler) and TensorBoard
+logging; the learning-rate schedule is ``transformers.get_scheduler``. The checkpoint layout is in
+:mod:`vlm_chat.training.checkpoints`.
 """
+
+from __future__ import annotations
 
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +40,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, extract_model_from_parallel, set_seed
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from vlm_chat.atomic import _publish, atomic_directory
+from vlm_chat.atomic import atomic_directory, publish
 from vlm_chat.training.args import ConfigError, TrainConfig, config_to_dict
+from vlm_chat.training.checkpoints import (
+    LOG_FILE,
+    STATE_FILE,
+    check_saved_weights,
+    complete_checkpoints,
+    find_latest_checkpoint,
+    only_trainable,
+    resolve_resume,
+    truncate_log,
+)
+from vlm_chat.training.optim import build_optimizer
+from vlm_chat.training.sampler import EpochSampler, mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,11 @@ __all__ = [
     "EpochSampler",
     "NonFiniteLossError",
     "TrainConfig",
+    "TrainResult",
     "atomic_directory",
     "find_latest_checkpoint",
     "train",
 ]
-
-STATE_FILE = "trainer_state.json"
-LOG_FILE = "train_log.jsonl"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -80,191 +78,27 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped before updating the weights."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic directories
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
 
-
-def _complete_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
-    if not checkpoint_root.is_dir():
-        return []
-    found = []
-    for child in checkpoint_root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint ``output_dir/checkpoints/step-N`` (with its state file), or ``None``."""
-    found = _complete_checkpoints(Path(output_dir) / "checkpoints")
-    return found[-1][1] if found else None
-
-
-def _resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        latest = find_latest_checkpoint(output_dir)
-        if latest is None:
-            logger.warning("resume='latest' but %s has no complete checkpoint; starting from scratch", output_dir)
-        return latest
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"resume: {resume} is not a complete checkpoint (no {STATE_FILE}); "
-            f"checkpoints look like {output_dir / 'checkpoints' / 'step-N'}, or pass 'latest'"
-        )
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data order
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled indices whose order depends only on ``(seed, epoch)``, cut to whole optimizer steps.
-
-    Cutting each epoch to a multiple of the samples per optimizer step (``batch * accumulation *
-    processes``) means every optimizer step sees exactly that many samples, so gradient accumulation and
-    multi-process runs are equivalent to one large batch, and an epoch boundary never splits a step.
-    The few samples left over differ from epoch to epoch (the permutation changes).
-
-    With ``lengths`` (and ``group`` > 1), samples of similar length share a batch, as transformers'
-    ``group_by_length``: the shuffled order is cut into windows of ``group`` optimizer steps, each window is
-    sorted by length and cut into steps, and the steps are shuffled again. Padding (wasted compute) drops while
-    the order still depends only on ``(seed, epoch)``, so resuming stays exact. (transformers'
-    ``LengthGroupedSampler`` does not cut epochs to whole steps, which the exact-resume guarantee relies on.)
-
-    Args:
-        num_samples: dataset length.
-        seed: data-order seed.
-        multiple: epoch length is rounded down to a multiple of this.
-        lengths: optional length (any monotone proxy, e.g. characters) of every sample.
-        group: optimizer steps per length-sorting window.
+    Attributes:
+        global_step: optimizer steps done (this call and any resumed run before it).
+        max_steps: the run's total.
+        history: one record per step run in this call (``step``, ``epoch``, ``loss``, ``lr/<group>``, metrics).
+        last_checkpoint: the newest checkpoint (``output_dir/checkpoints/step-N``).
+        final_dir: ``output_dir/final`` (``on_save``'s output), or None without ``on_save``.
+        resumed_from: the checkpoint this call resumed from, or None.
+        output_dir: the run directory.
     """
 
-    def __init__(self, num_samples: int, seed: int, multiple: int = 1, lengths: Sequence[int] | None = None,
-                 group: int = 32):
-        if lengths is not None and len(lengths) != num_samples:
-            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.multiple = multiple
-        self.lengths = lengths
-        self.group = group
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return (self.num_samples // self.multiple) * self.multiple
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5EED))
-        order = torch.randperm(self.num_samples, generator=generator)[: len(self)].tolist()
-        if self.lengths is None or self.group <= 1:
-            yield from order
-            return
-        steps = []
-        window = self.multiple * self.group
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start : start + window], key=lambda i: -self.lengths[i])
-            steps += [chunk[i : i + self.multiple] for i in range(0, len(chunk), self.multiple)]
-        for k in torch.randperm(len(steps), generator=generator).tolist():
-            yield from steps[k]
-
-
-def _mix(*parts: int) -> int:
-    """Combine integers into one seed in [0, 2**32) (numpy's limit); stable across runs and platforms."""
-    value = 0x9E3779B9
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (2**61 - 1)
-    return value % (2**32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Optimizer
-
-
-def _build_optimizer(model: torch.nn.Module, param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
-    names = {id(p): n for n, p in model.named_parameters()}
-    if param_groups is None:
-        param_groups = [{"name": "default", "params": [p for p in model.parameters() if p.requires_grad]}]
-    group_names = [g.get("name", f"group{i}") for i, g in enumerate(param_groups)]
-    if len(set(group_names)) != len(group_names):
-        raise ValueError(f"parameter group names must be unique, got {group_names}")
-    lr_groups = dict(cfg.lr_groups or {})
-    unknown = sorted(set(lr_groups) - set(group_names))
-    if unknown:
-        raise ConfigError(f"config key 'lr_groups' names unknown parameter group(s) {unknown}; valid: {group_names}")
-
-    seen: set[int] = set()
-    groups = []
-    for name, group in zip(group_names, param_groups):
-        params = list(group["params"])
-        frozen = [names.get(id(p), "?") for p in params if not p.requires_grad]
-        if frozen:
-            raise ValueError(f"parameter group {name!r} holds frozen parameters: {frozen[:5]}")
-        twice = [names.get(id(p), "?") for p in params if id(p) in seen]
-        if twice:
-            raise ValueError(f"parameters in more than one group (second: {name!r}): {twice[:5]}")
-        seen.update(id(p) for p in params)
-        lr = lr_groups.get(name, group.get("lr", cfg.learning_rate))
-        weight_decay = group.get("weight_decay", cfg.weight_decay)
-        # No decay on biases, norms and scalars (logit scale): decaying them hurts and is not regularisation.
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        for suffix, ps, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
-            if ps:
-                groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name + suffix})
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
-    if missing:
-        raise ValueError(f"{len(missing)} trainable parameters are in no parameter group, e.g. {missing[:5]}")
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint contents
-
-
-def _trainable_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys worth saving: trainable parameters and (persistent) buffers."""
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
-    keep |= {n for n, _ in model.named_buffers()}
-    return keep
-
-
-def _only_trainable(models, weights, output_dir) -> None:
-    """accelerate save hook: drop frozen weights from the state dicts about to be written."""
-    for model, state in zip(models, weights):
-        keep = _trainable_keys(model)
-        for key in [k for k in state if k not in keep]:
-            del state[key]
-
-
-def _check_saved_weights(model: torch.nn.Module, state_dir: Path) -> None:
-    """Refuse a checkpoint whose weights do not cover the model's trainable parameters (or name unknown keys)."""
-    from safetensors import safe_open
-
-    path = state_dir / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint is missing {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        saved = set(fh.keys())
-    state = model.state_dict(keep_vars=True)
-    unexpected = sorted(saved - set(state))
-    saved_ids = {id(state[k]) for k in saved if k in state}
-    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved_ids)
-    if unexpected or missing:
-        raise ValueError(
-            f"checkpoint {state_dir.parent} does not match the model: missing trainable {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            " (was it written by a run with other trainable parameters?)"
-        )
+    global_step: int
+    max_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    final_dir: Path | None = None
+    resumed_from: Path | None = None
+    output_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,6 +109,10 @@ def _to_float(value: Any) -> float:
     return float(value.detach().float().mean().item()) if torch.is_tensor(value) else float(value)
 
 
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
 def _default_gradient_checkpointing(model: torch.nn.Module) -> None:
     if not hasattr(model, "gradient_checkpointing_enable"):
         raise ValueError(
@@ -282,6 +120,18 @@ def _default_gradient_checkpointing(model: torch.nn.Module) -> None:
             "the stage must pass gradient_checkpointing_fn"
         )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _release_accelerate_state() -> None:
+    """Let the next :func:`train` call in this process choose its own mixed precision and accumulation.
+
+    accelerate keeps process-wide singletons (``AcceleratorState``, ``GradientState``) that a second ``Accelerator``
+    with other settings would refuse to change, and it has no public way to reset them: its own tests call these
+    private ``_reset_state`` methods. The quickstart runs four stages in one process, so we do the same here, in
+    this one place (the process group itself is kept).
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def train(
@@ -295,7 +145,7 @@ def train(
     on_save: Callable[[Path], None] | None = None,
     gradient_checkpointing_fn: Callable[[torch.nn.Module], None] | None = None,
     lengths: Sequence[int] | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train ``model`` with ``loss_fn`` on ``train_dataset`` following ``cfg``.
 
     Args:
@@ -320,8 +170,7 @@ def train(
         lengths: a length proxy per sample; with ``cfg.group_by_length`` batches hold samples of similar length.
 
     Returns:
-        ``{"global_step", "max_steps", "history" (one dict per step run in this call), "last_checkpoint",
-        "final_dir", "resumed_from", "output_dir"}``.
+        A :class:`TrainResult`.
 
     Raises:
         NonFiniteLossError: the loss or gradient norm became NaN/inf (the message names the step and the
@@ -357,294 +206,293 @@ def train(
                 f"launched as {launched_world} processes but accelerate formed {accelerator.num_processes}; "
                 "launch with `accelerate launch` (see docs/training.md)"
             )
-        return _train(
-            accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save,
-            gradient_checkpointing_fn, lengths,
-        )  # fmt: skip
+        run = _Run(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save,
+                   gradient_checkpointing_fn, lengths)
+        return run.run()
     finally:
         accelerator.end_training()
         accelerator.free_memory()
         # Undo accelerate's autocast patch of model.forward so later inference runs in the model's own dtype.
         extract_model_from_parallel(model, keep_fp32_wrapper=False)
-        # accelerate keeps process-wide singletons; reset them so the next stage in this process can choose
-        # its own mixed precision / accumulation (the process group itself is kept).
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
+        _release_accelerate_state()
         torch.use_deterministic_algorithms(previous_determinism[0], warn_only=previous_determinism[1])
 
 
-def _train(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save, gc_fn,
-           lengths=None):
-    output_dir = Path(cfg.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    rank = accelerator.process_index
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoint_root.glob(".tmp-*") if checkpoint_root.is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)  # leftovers of a crash mid-save
-    accelerator.wait_for_everyone()
+class _Run:
+    """One call of :func:`train`: the prepared objects, the schedule, and where the run is."""
 
-    set_seed(cfg.seed)
-    samples_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
-    steps_per_epoch = len(train_dataset) // samples_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training set has {len(train_dataset)} samples, fewer than one optimizer step needs "
-            f"(per_device_batch_size {cfg.per_device_batch_size} x gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps} x {world} processes = {samples_per_step})"
+    def __init__(self, accelerator: Accelerator, model, dataset, collate_fn, loss_fn: LossFn, cfg: TrainConfig,
+                 param_groups, eval_fn, on_save, gradient_checkpointing_fn, lengths):
+        self.accelerator, self.cfg, self.loss_fn, self.eval_fn, self.on_save = accelerator, cfg, loss_fn, eval_fn, on_save
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.is_main = accelerator.is_main_process
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.checkpoint_root.glob(".tmp-*") if self.checkpoint_root.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)  # leftovers of a crash mid-save
+        accelerator.wait_for_everyone()
+
+        set_seed(cfg.seed)
+        self.samples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
+        self.steps_per_epoch = len(dataset) // self.samples_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(dataset)} samples, fewer than one optimizer step needs "
+                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps} x {self.world} processes = {self.samples_per_step})"
+            )
+        self.max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * self.max_steps)
+
+        if cfg.gradient_checkpointing:
+            (gradient_checkpointing_fn or _default_gradient_checkpointing)(model)
+        optimizer = build_optimizer(model, param_groups, cfg)
+        scheduler = get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps
         )
-    max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * max_steps)
+        if cfg.group_by_length and lengths is None:
+            raise ValueError("group_by_length needs the samples' lengths; this stage does not provide them")
+        self.sampler = EpochSampler(len(dataset), cfg.seed, self.samples_per_step,
+                                    lengths=lengths if cfg.group_by_length else None)
+        loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size, sampler=self.sampler,
+                            collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers)
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        # DeepSpeed and FSDP shard and save their own state; elsewhere only trainable weights go into checkpoints.
+        self.plain = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if self.plain:
+            accelerator.register_save_state_pre_hook(only_trainable)
+        self.group_names = [g["name"] for g in self.optimizer.param_groups]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # What fixes the data order: a checkpoint of a run that differs here cannot resume exactly.
+        self.signature = {
+            "seed": cfg.seed,
+            "per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "num_processes": self.world,
+            "dataset_size": len(dataset),
+        }
+        self.global_step = 0
+        self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        self.history: list[dict[str, Any]] = []
+        self.window: list[dict[str, Any]] = []
 
-    if cfg.gradient_checkpointing:
-        (gc_fn or _default_gradient_checkpointing)(model)
-    optimizer = _build_optimizer(model, param_groups, cfg)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
-    if cfg.group_by_length and lengths is None:
-        raise ValueError("group_by_length needs the samples' lengths; this stage does not provide them")
-    grouped = lengths if cfg.group_by_length else None
-    sampler = EpochSampler(len(train_dataset), cfg.seed, samples_per_step, lengths=grouped)
-    loader = DataLoader(
-        train_dataset,
-        batch_size=cfg.per_device_batch_size,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        num_workers=cfg.num_workers,
-    )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    plain = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    if plain:
-        accelerator.register_save_state_pre_hook(_only_trainable)
-    group_names = [g["name"] for g in optimizer.param_groups]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    run_signature = {
-        "seed": cfg.seed,
-        "per_device_batch_size": cfg.per_device_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "num_processes": world,
-        "dataset_size": len(train_dataset),
-    }
-    global_step = 0
-    resume_dir = _resolve_resume(cfg.resume, output_dir)
-    if resume_dir is not None:
+    # ------------------------------------------------------------------------------------------ guarantees
+    def resume(self) -> None:
+        """Exact resume: refuse another data order, then restore weights, optimizer, scheduler, RNG and the step."""
+        resume_dir = resolve_resume(self.cfg.resume_from_checkpoint, self.output_dir)
+        if resume_dir is None:
+            return
         state = json.loads((resume_dir / STATE_FILE).read_text())
-        changed = {k: (state.get(k), v) for k, v in run_signature.items() if state.get(k) != v}
+        changed = {k: (state.get(k), v) for k, v in self.signature.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
             raise ConfigError(f"cannot resume exactly from {resume_dir}: the data order would differ ({details})")
-        if plain:
-            _check_saved_weights(model, resume_dir / "accelerate")
-            accelerator.load_state(str(resume_dir / "accelerate"), strict=False)
+        if self.plain:
+            check_saved_weights(self.model, resume_dir / "accelerate")
+            self.accelerator.load_state(str(resume_dir / "accelerate"), strict=False)  # frozen weights: not saved
         else:
-            accelerator.load_state(str(resume_dir / "accelerate"))
-        global_step = int(state["global_step"])
-        logger.info("resumed from %s at step %d", resume_dir, global_step)
-    last_checkpoint = resume_dir
+            self.accelerator.load_state(str(resume_dir / "accelerate"))
+        self.global_step = int(state["global_step"])
+        self.resumed_from = self.last_checkpoint = resume_dir
+        logger.info("resumed from %s at step %d", resume_dir, self.global_step)
 
-    log_path = output_dir / LOG_FILE
-    if is_main:
-        _truncate_log(log_path, global_step)
-    if cfg.report_to != "none":
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
-        accelerator.init_trackers("train", config=hparams)
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        """Stop every process before the weights change when ``value`` holds NaN/inf; name the last good checkpoint."""
+        finite = torch.isfinite(value.detach().float()).all().to(self.accelerator.device).float()
+        if self.world > 1:
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.world  # every rank stops together
+        if finite.item() < 1:
+            kept = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite {what} ({value.detach().float().mean().item()}) at step {self.global_step + 1} "
+                f"(epoch {self.global_step // self.steps_per_epoch}); stopped before updating the weights; {kept}"
+            )
 
-    def save_checkpoint(step: int) -> Path:
-        final = checkpoint_root / f"step-{step}"
-        tmp = checkpoint_root / f".tmp-step-{step}"
-        if is_main:
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint ``step-N``: written under a temporary name, the state file last, then published whole."""
+        step = self.global_step
+        final, tmp = self.checkpoint_root / f"step-{step}", self.checkpoint_root / f".tmp-step-{step}"
+        if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "accelerate"))
-        if is_main:
-            if on_save is not None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp / "accelerate"))
+        if self.is_main:
+            if self.on_save is not None:
                 (tmp / "model").mkdir()
-                on_save(tmp / "model")
-            payload = {**run_signature, "global_step": step, "epoch": step / steps_per_epoch, "max_steps": max_steps}
-            # Written last: its presence marks the checkpoint complete for --resume latest.
+                self.on_save(tmp / "model")
+            payload = {**self.signature, "global_step": step, "epoch": step / self.steps_per_epoch,
+                       "max_steps": self.max_steps}
+            # Written last: its presence marks the checkpoint complete for resume_from_checkpoint: latest.
             (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
-            _publish(tmp, final)
-            complete = _complete_checkpoints(checkpoint_root)
-            if cfg.save_total_limit > 0:
-                for _, old in complete[: -cfg.save_total_limit]:
+            publish(tmp, final)
+            if self.cfg.save_total_limit > 0:
+                for _, old in complete_checkpoints(self.checkpoint_root)[: -self.cfg.save_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = final
         return final
 
-    def run_eval(step: int) -> dict[str, float]:
-        bare = accelerator.unwrap_model(model)
+    # ------------------------------------------------------------------------------------------ pieces of a step
+    def micro_step(self, batch, micro: int) -> tuple[float, dict[str, float], torch.Tensor | None]:
+        """Forward + backward of one micro-batch; on the last micro-batch of a step, clip and update.
+
+        Returns:
+            ``(loss, metrics, grad_norm)``; ``grad_norm`` is None except on an optimizer step with clipping.
+        """
+        cfg, accelerator = self.cfg, self.accelerator
+        # Exact resume: the randomness of this micro-batch depends only on where it is in the run.
+        set_seed(mix_seed(cfg.seed, self.global_step, micro, self.rank))
+        grad_norm = None
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                loss, metrics = self.loss_fn(self.model, batch)
+            self.check_finite(loss, "loss")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                    if cfg.mixed_precision != "fp16":  # fp16's scaler skips overflowing steps by design
+                        self.check_finite(grad_norm, "gradient norm")
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float().item(), {k: _to_float(v) for k, v in metrics.items()}, grad_norm
+
+    def step_record(self, losses: list[float], metrics: list[dict[str, float]], grad_norm, seconds: float) -> dict:
+        """The step's loss and metrics, averaged over its micro-batches and processes, with the learning rates."""
+        keys = sorted(metrics[0]) if metrics else []
+        local = torch.tensor(
+            [sum(losses) / len(losses)] + [sum(m[k] for m in metrics) / len(metrics) for k in keys],
+            dtype=torch.float64, device=self.accelerator.device,
+        )  # fmt: skip
+        if self.world > 1:
+            local = self.accelerator.reduce(local, reduction="mean")
+        values = local.tolist()
+        record = {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, "loss": values[0]}
+        record.update(dict(zip(keys, values[1:])))
+        if grad_norm is not None:
+            record["grad_norm"] = _to_float(grad_norm)
+        for name, lr in zip(self.group_names, self.scheduler.get_last_lr()):
+            record.setdefault(f"lr/{name.split('/')[0]}", lr)
+        record["step_seconds"] = seconds  # data loading + forward/backward + update
+        return record
+
+    def log(self, record: dict[str, Any], log_fh, progress) -> None:
+        """Append the step to the JSONL log; every ``logging_steps`` log the window's means to the trackers."""
+        self.history.append(record)
+        self.window.append(record)
+        if log_fh is not None:
+            log_fh.write(json.dumps(record) + "\n")
+            log_fh.flush()
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if self.global_step % self.cfg.logging_steps == 0 or self.global_step == self.max_steps:
+            # Losses, norms and timings are averaged over the window; where the run is (epoch, the learning rates)
+            # is read at its last step.
+            last = self.window[-1]
+            means = {
+                k: last[k] if k == "epoch" or k.startswith("lr/") else sum(r[k] for r in self.window) / len(self.window)
+                for k in last
+                if k != "step"
+            }
+            self.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=self.global_step)
+            if self.is_main:
+                logger.info("step %d/%d %s", self.global_step, self.max_steps, _fmt(means))
+            self.window = []
+
+    def evaluate(self) -> dict[str, float]:
+        """The stage's ``eval_fn`` on the bare model, in eval mode and without gradients; logged under ``eval/``."""
+        bare = self.accelerator.unwrap_model(self.model)
         bare.eval()
         with torch.no_grad():
-            metrics = {f"eval/{k}": _to_float(v) for k, v in eval_fn(bare).items()}
-        model.train()
-        accelerator.log(metrics, step=step)
-        if is_main:
-            logger.info("step %d eval %s", step, _fmt(metrics))
+            metrics = {f"eval/{k}": _to_float(v) for k, v in self.eval_fn(bare).items()}
+        self.model.train()
+        self.accelerator.log(metrics, step=self.global_step)
+        if self.is_main:
+            logger.info("step %d eval %s", self.global_step, _fmt(metrics))
         return metrics
 
-    (logger.info if is_main else logger.debug)(
-        "training %d steps (%d per epoch; %d samples/step = %d x %d accumulation x %d processes), "
-        "%d trainable parameters in groups %s",
-        max_steps, steps_per_epoch, samples_per_step, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
-        world, sum(p.numel() for p in trainable), sorted(set(n.split("/")[0] for n in group_names)),
-    )  # fmt: skip
-    history: list[dict[str, Any]] = []
-    window: list[dict[str, Any]] = []
-    progress = tqdm(
-        total=max_steps,
-        initial=global_step,
-        desc="train",
-        disable=cfg.disable_tqdm or not accelerator.is_local_main_process,
-    )
-    model.train()
-    epoch = global_step // steps_per_epoch
-    skip = (global_step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps
-    log_fh = open(log_path, "a", encoding="utf-8") if is_main else None
-    try:
-        while global_step < max_steps:
-            loader.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-            skip = 0
-            micro = 0
-            step_losses: list[float] = []
-            step_metrics: list[Mapping[str, Any]] = []
-            step_start = time.perf_counter()
-            for batch in epoch_loader:
-                set_seed(_mix(cfg.seed, global_step, micro, rank))
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss, metrics = loss_fn(model, batch)
-                    _check_finite(accelerator, loss.detach(), "loss", global_step + 1, epoch, last_checkpoint)
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        if cfg.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                            if cfg.mixed_precision != "fp16":  # fp16's scaler skips overflowing steps by design
-                                _check_finite(
-                                    accelerator, grad_norm, "gradient norm", global_step + 1, epoch, last_checkpoint
-                                )
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                step_losses.append(loss.detach().float().item())
-                step_metrics.append({k: _to_float(v) for k, v in metrics.items()})
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-
-                global_step += 1
-                record = _step_record(accelerator, global_step, steps_per_epoch, step_losses, step_metrics, grad_norm)
-                for name, lr in zip(group_names, scheduler.get_last_lr()):
-                    record.setdefault(f"lr/{name.split('/')[0]}", lr)
-                record["step_seconds"] = time.perf_counter() - step_start  # data loading + forward/backward + update
-                step_start = time.perf_counter()
-                history.append(record)
-                window.append(record)
-                micro, step_losses, step_metrics = 0, [], []
-                if log_fh is not None:
-                    log_fh.write(json.dumps(record) + "\n")
-                    log_fh.flush()
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                if global_step % cfg.logging_steps == 0 or global_step == max_steps:
-                    # Losses, norms and timings are averaged over the window; where the run is (epoch, the
-                    # learning rates) is read at its last step.
-                    last = window[-1]
-                    means = {
-                        k: last[k] if k == "epoch" or k.startswith("lr/") else sum(r[k] for r in window) / len(window)
-                        for k in last
-                        if k != "step"
-                    }
-                    accelerator.log({f"train/{k}": v for k, v in means.items()}, step=global_step)
-                    if is_main:
-                        logger.info("step %d/%d %s", global_step, max_steps, _fmt(means))
-                    window = []
-                if eval_fn is not None and cfg.eval_steps and global_step % cfg.eval_steps == 0:
-                    record.update(run_eval(global_step))
-                if cfg.save_steps and global_step % cfg.save_steps == 0 and global_step < max_steps:
-                    last_checkpoint = save_checkpoint(global_step)
-                if global_step >= max_steps:
-                    break
-            else:
-                epoch += 1
-    finally:
-        progress.close()
-        if log_fh is not None:
-            log_fh.close()
-
-    if eval_fn is not None and not (cfg.eval_steps and global_step % cfg.eval_steps == 0 and history):
-        final_eval = run_eval(global_step)
-        if history:
-            history[-1].update(final_eval)
-    if last_checkpoint is None or last_checkpoint.name != f"step-{global_step}":
-        last_checkpoint = save_checkpoint(global_step)
-    final_dir = None
-    if on_save is not None:
-        final_dir = output_dir / "final"
-        if is_main:
-            with atomic_directory(final_dir) as tmp:
-                on_save(tmp)
-            logger.info("wrote %s", final_dir)
-        accelerator.wait_for_everyone()
-    return {
-        "global_step": global_step,
-        "max_steps": max_steps,
-        "history": history,
-        "last_checkpoint": last_checkpoint,
-        "final_dir": final_dir,
-        "resumed_from": resume_dir,
-        "output_dir": output_dir,
-    }
-
-
-def _check_finite(accelerator, value: torch.Tensor, what: str, step: int, epoch: int, last_checkpoint) -> None:
-    finite = torch.isfinite(value.detach().float()).all().to(accelerator.device).float()
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes  # every rank stops together
-    if finite.item() < 1:
-        kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"non-finite {what} ({value.detach().float().mean().item()}) at step {step} (epoch {epoch}); "
-            f"stopped before updating the weights; {kept}"
-        )
-
-
-def _step_record(accelerator, step, steps_per_epoch, losses, metrics, grad_norm) -> dict[str, Any]:
-    keys = sorted(metrics[0]) if metrics else []
-    local = torch.tensor(
-        [sum(losses) / len(losses)] + [sum(m[k] for m in metrics) / len(metrics) for k in keys],
-        dtype=torch.float64,
-        device=accelerator.device,
-    )
-    if accelerator.num_processes > 1:
-        local = accelerator.reduce(local, reduction="mean")
-    values = local.tolist()
-    record = {"step": step, "epoch": step / steps_per_epoch, "loss": values[0]}
-    record.update(dict(zip(keys, values[1:])))
-    if grad_norm is not None:
-        record["grad_norm"] = _to_float(grad_norm)
-    return record
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep only log lines up to ``step`` so a resumed run's log equals an uninterrupted one."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.resume()
+        log_path = self.output_dir / LOG_FILE
+        if self.is_main:
+            truncate_log(log_path, self.global_step)  # a resumed run's log equals an uninterrupted one
+        if cfg.report_to != "none":
+            hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
+            self.accelerator.init_trackers("train", config=hparams)
+        (logger.info if self.is_main else logger.debug)(
+            "training %d steps (%d per epoch; %d samples/step = %d x %d accumulation x %d processes), "
+            "%d trainable parameters in groups %s",
+            self.max_steps, self.steps_per_epoch, self.samples_per_step, cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps, self.world, sum(p.numel() for p in self.trainable),
+            sorted(set(n.split("/")[0] for n in self.group_names)),
+        )  # fmt: skip
+        progress = tqdm(total=self.max_steps, initial=self.global_step, desc="train",
+                        disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process)
+        log_fh = open(log_path, "a", encoding="utf-8") if self.is_main else None
+        self.model.train()
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            self._loop(log_fh, progress)
+        finally:
+            progress.close()
+            if log_fh is not None:
+                log_fh.close()
+        return self._finish()
 
+    def _loop(self, log_fh, progress) -> None:
+        cfg = self.cfg
+        epoch = self.global_step // self.steps_per_epoch
+        # Exact resume: skip the micro-batches of this epoch that the checkpointed run already trained on.
+        skip = (self.global_step - epoch * self.steps_per_epoch) * cfg.gradient_accumulation_steps
+        while self.global_step < self.max_steps:
+            self.loader.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            batches = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            skip = 0
+            losses, metrics, start = [], [], time.perf_counter()
+            for batch in batches:
+                loss, step_metrics, grad_norm = self.micro_step(batch, len(losses))
+                losses.append(loss)
+                metrics.append(step_metrics)
+                if not self.accelerator.sync_gradients:
+                    continue
+                self.global_step += 1
+                self.log(self.step_record(losses, metrics, grad_norm, time.perf_counter() - start), log_fh, progress)
+                losses, metrics, start = [], [], time.perf_counter()
+                if self.eval_fn is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0:
+                    self.history[-1].update(self.evaluate())
+                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < self.max_steps:
+                    self.save_checkpoint()
+                if self.global_step >= self.max_steps:
+                    return
+            epoch += 1
 
-def _fmt(metrics: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    def _finish(self) -> TrainResult:
+        """The final evaluation, the last checkpoint and ``final/`` (atomic), then the result."""
+        cfg = self.cfg
+        if self.eval_fn is not None and not (cfg.eval_steps and self.global_step % cfg.eval_steps == 0 and self.history):
+            final_eval = self.evaluate()
+            if self.history:
+                self.history[-1].update(final_eval)
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.global_step}":
+            self.save_checkpoint()
+        final_dir = None
+        if self.on_save is not None:
+            final_dir = self.output_dir / "final"
+            if self.is_main:
+                with atomic_directory(final_dir) as tmp:
+                    self.on_save(tmp)
+                logger.info("wrote %s", final_dir)
+            self.accelerator.wait_for_everyone()
+        return TrainResult(
+            global_step=self.global_step, max_steps=self.max_steps, history=self.history,
+            last_checkpoint=self.last_checkpoint, final_dir=final_dir, resumed_from=self.resumed_from,
+            output_dir=self.output_dir,
+        )  # fmt: skip

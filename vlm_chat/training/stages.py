@@ -1,18 +1,33 @@
-"""Stages 1-3 of VLM training as data: what each reads, what it trains, and its loss. Thin scripts call :func:`run`.
+"""Stages 1-3 of VLM training as data: what each reads, what it trains, and its loss step.
 
-| stage    | data                                   | trains              | loss                                  |
+| stage    | reads                                  | trains              | loss step                             |
 |----------|----------------------------------------|---------------------|---------------------------------------|
 | pretrain | captions                               | mapper              | caption tokens (cross-entropy)        |
 | instruct | conversations (QA turns packed/image)  | mapper + LoRA       | assistant tokens (cross-entropy)      |
-| dpo      | image, prompt, chosen, rejected        | LoRA (+ mapper)     | sigmoid DPO vs adapters-disabled ref  |
+| dpo      | image, prompt, chosen, rejected        | LoRA (+ mapper)     | sigmoid DPO vs a frozen reference     |
+
+Each row of the table is one :class:`Stage` in :data:`STAGES`. A run is a :class:`StageConfig` (a dataclass: the
+model, the data, the stage's options and the engine settings); :func:`run_stage` runs it, and
+:func:`load_stage_config` builds one from a YAML file, Python overrides and command-line arguments::
+
+    from vlm_chat.training import load_stage_config, run_stage
+
+    config = load_stage_config("pretrain", "configs/hub/pretrain.yaml", {"max_steps": 10, "model.lm.lora_r": 8})
+    result = run_stage(config)      # TrainResult: result.final_dir is a VLMChat checkpoint
+
+``train/{pretrain,instruct,dpo}.py`` are the command-line form (:func:`main`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
+import os
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,68 +36,41 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from vlm_chat.chat import CAPTION_PROMPTS, VLMChat
-from vlm_chat.config import LMConfig, MapperConfig, VisionConfig, VLMConfig
-from vlm_chat.images import load_image
+from vlm_chat.config import VLMConfig
 from vlm_chat.losses import dpo_loss
-from vlm_chat.training.args import TrainConfig, parse_config, save_config
-from vlm_chat.training.engine import train
+from vlm_chat.training.args import ConfigError, TrainConfig, parse_config, save_config
+from vlm_chat.training.batches import Collator, FeatureCache
+from vlm_chat.training.engine import LossFn, TrainResult, train
+from vlm_chat.training.sampler import samples_in_run
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "instruct", "dpo")
+__all__ = [
+    "STAGES",
+    "Collator",
+    "DataArgs",
+    "FeatureCache",
+    "Stage",
+    "StageArgs",
+    "StageConfig",
+    "load_rows",
+    "load_stage_config",
+    "main",
+    "run_stage",
+]
 
+REFERENCE_ADAPTER = "reference"
 
-@dataclass
-class ModelArgs:
-    """Which VLM to train: a checkpoint to continue from, or components to assemble."""
-
-    init_from: str | None = field(default=None, metadata={"help": "A vlm-chat checkpoint directory to start from."})
-    vision: str | None = field(default=None, metadata={"help": "CLIP/SigLIP hub id or directory (no init_from)."})
-    lm: str | None = field(default=None, metadata={"help": "Causal LM hub id, directory or offline alias."})
-    mapper: str = field(default="mlp", metadata={"help": "mlp | perceiver | qformer."})
-    mapper_depth: int = 2
-    mapper_pool: int = 1
-    num_queries: int = 16
-    mapper_layers: int = 2
-    mapper_heads: int = 4
-    feature_layer: int = -2
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or comma-separated names."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base weights (bitsandbytes)."})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (model weights)."})
-    max_length: int = field(default=512, metadata={"help": "Longest training sequence, visual tokens included."})
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "System turn of every conversation (default: the chat template's own)."}
-    )
-
-    def vlm_config(self) -> VLMConfig:
-        if not (self.vision and self.lm):
-            raise ValueError("set init_from, or both vision and lm")
-        targets = self.lora_target_modules
-        return VLMConfig(
-            system_prompt=self.system_prompt,
-            vision=VisionConfig(name_or_path=self.vision, feature_layer=self.feature_layer),
-            mapper=MapperConfig(
-                kind=self.mapper,
-                depth=self.mapper_depth,
-                pool=self.mapper_pool,
-                num_queries=self.num_queries,
-                num_layers=self.mapper_layers,
-                num_heads=self.mapper_heads,
-            ),
-            lm=LMConfig(
-                name_or_path=self.lm,
-                lora_r=self.lora_r,
-                lora_alpha=self.lora_alpha,
-                lora_dropout=self.lora_dropout,
-                load_in_4bit=self.load_in_4bit,
-                dtype=self.dtype,
-                max_length=self.max_length,
-                lora_target_modules=targets if targets == "all-linear" else targets.split(","),
-            ),
-        )
+#: Flat model keys of earlier versions -> their place in the ``model:`` section (the old name is an error naming it).
+MOVED_KEYS = {
+    "vision": "model.vision.name_or_path", "feature_layer": "model.vision.feature_layer",
+    "mapper": "model.mapper.kind", "mapper_depth": "model.mapper.depth", "mapper_pool": "model.mapper.pool",
+    "num_queries": "model.mapper.num_queries", "mapper_layers": "model.mapper.num_layers",
+    "mapper_heads": "model.mapper.num_heads", "lm": "model.lm.name_or_path", "lora_r": "model.lm.lora_r",
+    "lora_alpha": "model.lm.lora_alpha", "lora_dropout": "model.lm.lora_dropout",
+    "lora_target_modules": "model.lm.lora_target_modules", "load_in_4bit": "model.lm.load_in_4bit",
+    "dtype": "model.lm.dtype", "max_length": "model.lm.max_length", "system_prompt": "model.system_prompt",
+}  # fmt: skip
 
 
 @dataclass
@@ -109,7 +97,9 @@ class StageArgs:
 
     mapper_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the mapper."})
     lora_lr: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA weights."})
-    train_mapper: bool = field(default=True, metadata={"help": "Train the mapper (dpo: off by default in configs)."})
+    train_mapper: bool | None = field(
+        default=None, metadata={"help": "Train the mapper; default: the stage's own choice (all stages: yes)."}
+    )
     beta: float = field(default=0.1, metadata={"help": "dpo: strength of the implicit KL penalty."})
     dpo_reference: str = field(
         default="init",
@@ -119,108 +109,96 @@ class StageArgs:
         },
     )
     cache_vision_features: bool = field(
-        default=True, metadata={"help": "Run the frozen tower once per image and reuse its features across epochs."}
+        default=True,
+        metadata={"help": "Run the frozen tower once per image before training (features kept in memory); "
+                          "false: run it in every training step."},
     )
 
 
-class FeatureCache:
-    """Frozen-tower features per image path: the tower runs once per image, not once per image per epoch."""
+@dataclass
+class _InitFrom:
+    """The flat ``init_from`` key (parsing only; it lands in :attr:`StageConfig.init_from`)."""
 
-    def __init__(self, chat: VLMChat, enabled: bool):
-        self.chat, self.enabled, self.store = chat, enabled, {}
+    init_from: str | None = field(
+        default=None, metadata={"help": "A vlm-chat checkpoint to continue from (instead of a model: section)."}
+    )
 
-    def __call__(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(paths) if p not in self.store]
-        if missing:
-            pixels = self.chat.processor.pixel_values([load_image(p) for p in missing])
+
+@dataclass
+class StageConfig:
+    """One training run of a stage.
+
+    Args:
+        stage: ``pretrain``, ``instruct`` or ``dpo`` (a key of :data:`STAGES`).
+        data: the training data.
+        train: engine settings (transformers ``TrainingArguments`` names where they exist).
+        model: a new model to assemble (the same :class:`~vlm_chat.config.VLMConfig` a checkpoint saves as
+            ``config.json``); exclusive with ``init_from``.
+        init_from: a vlm-chat checkpoint directory to continue from; exclusive with ``model``.
+        options: the stage's own settings (learning rates, DPO beta, feature cache, ...).
+        command: how the run was started, for the model card (the command-line shims fill it in).
+    """
+
+    stage: str
+    data: DataArgs
+    train: TrainConfig
+    model: VLMConfig | None = None
+    init_from: str | None = None
+    options: StageArgs = field(default_factory=StageArgs)
+    command: str = ""
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown stage {self.stage!r}; valid: {', '.join(STAGES)}")
+        if (self.model is None) == (self.init_from is None):
+            raise ConfigError(
+                f"{self.stage}: set either 'model:' (a new model) or 'init_from' (a checkpoint to continue), "
+                f"{'not both' if self.model is not None else 'got neither'}"
+            )
+        if self.model is not None:
+            for part in ("vision", "lm"):
+                if not getattr(self.model, part).name_or_path:
+                    raise ConfigError(f"{self.stage}: config key 'model.{part}.name_or_path' is empty")
+        if self.options.dpo_reference not in ("init", "base"):
+            raise ConfigError(f"config key 'dpo_reference' must be 'init' or 'base', got {self.options.dpo_reference!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- loss steps
+
+
+def lm_step(options: StageArgs) -> LossFn:
+    """Cross-entropy on the supervised (caption / assistant) tokens."""
+
+    def step(model, batch):
+        out = model(**batch)
+        loss = out.loss
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # DDP averages gradients over processes; normalising each process's summed loss by the *global*
+            # token count makes that average equal to one process's token mean over the whole batch.
+            world = torch.distributed.get_world_size()
+            total = out.num_tokens.detach().clone()
+            torch.distributed.all_reduce(total)
+            loss = out.loss_sum * world / total.clamp(min=1)
+        return loss, {"tokens": out.num_tokens.float()}
+
+    return step
+
+
+def dpo_step(options: StageArgs) -> LossFn:
+    """Sigmoid DPO of the policy against the reference (a frozen adapter, or no adapter) on chosen/rejected pairs."""
+
+    def step(model, batch):
+        batch = dict(batch)
+        bare = extract_model_from_parallel(model)
+        if "pixel_values" in batch:  # cache off: the tower runs here, once per image, for policy and reference
             with torch.no_grad():
-                feats = self.chat.model.vision(pixels.to(self.chat.device))  # [n, N_patch, d_vis]
-            if not self.enabled:
-                return {"pixel_values": pixels}
-            for p, f in zip(missing, feats):
-                self.store[p] = f.cpu()
-        return {"image_features": torch.stack([self.store[p] for p in paths])}  # [B, N_patch, d_vis]
-
-
-def _as_conversation(stage: str, row: dict) -> list[dict]:
-    if stage == "pretrain":
-        return [
-            {"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[False]}"},
-            {"role": "assistant", "content": row["caption"]},
-        ]
-    return row["messages"]
-
-
-def _with_image(prompt: str) -> str:
-    return prompt if "<image>" in prompt else f"<image>\n{prompt}"
-
-
-class Collator:
-    """Raw rows -> padded tensors (right padding) with labels on assistant tokens only."""
-
-    def __init__(self, chat: VLMChat, stage: str, features: FeatureCache, independent_turns: bool = False):
-        self.chat, self.stage, self.features = chat, stage, features
-        self.independent_turns = independent_turns and stage == "instruct"
-
-    def _encode(self, messages: list[dict], image: str | None):
-        proc = self.chat.processor
-        encode = proc.encode_independent_turns if self.independent_turns else proc.encode_conversation
-        return encode(messages, num_images=int(image is not None))
-
-    def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        proc = self.chat.processor
-        if self.stage == "dpo":
-            chosen, rejected, images = [], [], []
-            for row in rows:
-                prompt = {"role": "user", "content": _with_image(row["prompt"]) if row["image"] else row["prompt"]}
-                c = self._encode([prompt, {"role": "assistant", "content": row["chosen"]}], row["image"])
-                r = self._encode([prompt, {"role": "assistant", "content": row["rejected"]}], row["image"])
-                if c is None or r is None:
-                    continue
-                chosen.append(c)
-                rejected.append(r)
-                images.append(row["image"])
-            encoded, images = chosen + rejected, images + images  # [2B]: chosen first, then rejected
-        else:
-            encoded, images = [], []
-            for row in rows:
-                enc = self._encode(_as_conversation(self.stage, row), row["image"])
-                if enc is not None:  # skipped: truncation would cut visual tokens or leaves nothing to learn
-                    encoded.append(enc)
-                    images.append(row["image"])
-        if not encoded:
-            raise ValueError("every sample of a batch was skipped (too long for max_length?); raise max_length")
-        batch = proc.pad(encoded, "right")
-        with_image = [p for p in images if p is not None]
-        if with_image:
-            if len(with_image) != len(images):
-                raise ValueError("a batch mixes samples with and without images; not supported yet")
-            batch.update(self.features(with_image))
-        return batch
-
-
-def _loss_fn(stage: str, beta: float):
-    if stage != "dpo":
-
-        def lm_loss(model, batch):
-            out = model(**batch)
-            loss = out.loss
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # DDP averages gradients over processes; normalising each process's summed loss by the *global*
-                # token count makes that average equal to one process's token mean over the whole batch.
-                world = torch.distributed.get_world_size()
-                total = out.num_tokens.detach().clone()
-                torch.distributed.all_reduce(total)
-                loss = out.loss_sum * world / total.clamp(min=1)
-            return loss, {"tokens": out.num_tokens.float()}
-
-        return lm_loss
-
-    def dpo(model, batch):
+                batch["image_features"] = bare.vision(batch.pop("pixel_values"))  # [B, N_patch, d_vis]
+        if "image_features" in batch:
+            features = batch["image_features"]
+            batch["image_features"] = torch.cat([features, features])  # [2B, ...]: chosen rows, then rejected rows
         out = model(**batch)
         n = out.logps.shape[0] // 2
-        lm = extract_model_from_parallel(model).lm
-        # The reference shares the base weights: a frozen copy of the starting adapter, or no adapter at all.
+        lm = bare.lm
         reference = _active_adapter(lm, REFERENCE_ADAPTER) if REFERENCE_ADAPTER in lm.peft_config else lm.disable_adapter()
         training = model.training
         model.eval()  # the reference is deterministic: no LoRA dropout in its pass
@@ -229,23 +207,11 @@ def _loss_fn(stage: str, beta: float):
                 ref = model(**batch).logps
         finally:
             model.train(training)
-        loss, chosen_r, rejected_r = dpo_loss(out.logps[:n], out.logps[n:], ref[:n], ref[n:], beta)
+        loss, chosen_r, rejected_r = dpo_loss(out.logps[:n], out.logps[n:], ref[:n], ref[n:], options.beta)
         margin = chosen_r - rejected_r
         return loss, {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
 
-    return dpo
-
-
-REFERENCE_ADAPTER = "reference"
-
-
-def _text_length(stage: str, row: dict) -> int:
-    """Characters of text in a sample: the length proxy for ``group_by_length`` (visual tokens are the same for all)."""
-    if stage == "pretrain":
-        return len(row["caption"])
-    if stage == "dpo":
-        return len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"]))
-    return sum(len(m["content"]) if isinstance(m["content"], str) else len(str(m["content"])) for m in row["messages"])
+    return step
 
 
 @contextlib.contextmanager
@@ -256,6 +222,90 @@ def _active_adapter(lm, name: str):
         yield
     finally:
         lm.set_adapter("default")  # PEFT's set_adapter also restores requires_grad on the trained adapter only
+
+
+# ---------------------------------------------------------------------------------------------------- the registry
+
+
+def _caption_conversation(row: dict, image_token: str) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"{image_token}\n{CAPTION_PROMPTS[False]}"},
+             {"role": "assistant", "content": row["caption"]}]]
+
+
+def _preference_conversations(row: dict, image_token: str) -> list[list[dict]]:
+    text = row["prompt"]
+    if row["image"] and image_token not in text:
+        text = f"{image_token}\n{text}"
+    prompt = {"role": "user", "content": text}
+    return [[prompt, {"role": "assistant", "content": row[answer]}] for answer in ("chosen", "rejected")]
+
+
+def _content_length(row: dict) -> int:
+    return sum(len(m["content"]) if isinstance(m["content"], str) else len(str(m["content"])) for m in row["messages"])
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage as data.
+
+    Attributes:
+        name: the stage's name (``train/<name>.py``).
+        reads: ``captions``, ``conversations`` or ``preferences`` (the :mod:`vlm_chat.data` reader it uses).
+        trains_mapper: whether the mapper trains by default (``train_mapper`` overrides it).
+        trains_lora: whether the LoRA adapter trains.
+        conversations: ``(row, image_token) -> [messages, ...]``: one conversation per row, or chosen + rejected.
+        text_length: characters of text in a row, the length proxy of ``group_by_length``.
+        loss_step: ``loss_step(options) -> loss_fn(model, batch) -> (loss, metrics)`` for the engine.
+        reference: the loss compares against a frozen reference (DPO: ``dpo_reference: init`` loads the starting
+            checkpoint's adapter a second time, frozen).
+    """
+
+    name: str
+    reads: str
+    trains_mapper: bool
+    trains_lora: bool
+    conversations: Callable[[dict, str], list[list[dict]]]
+    text_length: Callable[[dict], int]
+    loss_step: Callable[[StageArgs], LossFn]
+    reference: bool = False
+
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage("pretrain", "captions", trains_mapper=True, trains_lora=False,
+                      conversations=_caption_conversation, text_length=lambda r: len(r["caption"]), loss_step=lm_step),
+    "instruct": Stage("instruct", "conversations", trains_mapper=True, trains_lora=True,
+                      conversations=lambda row, _: [row["messages"]], text_length=_content_length, loss_step=lm_step),
+    "dpo": Stage("dpo", "preferences", trains_mapper=True, trains_lora=True, conversations=_preference_conversations,
+                 text_length=lambda r: len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])),
+                 loss_step=dpo_step, reference=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def load_rows(stage: str, data: DataArgs, skip_bad_rows: bool) -> list[dict]:
+    """The training rows of ``stage`` read from ``data`` (QA rows packed per image for conversations)."""
+    from vlm_chat import data as readers
+
+    reads = STAGES[stage].reads
+    reader = {"captions": readers.load_captions, "conversations": readers.load_conversations,
+              "preferences": readers.load_preferences}[reads]
+    rows, report = reader(data.train_file, data.image_folder, skip_bad_rows=skip_bad_rows)
+    if reads == "conversations" and data.pack_by_image:
+        rows = readers.pack_by_image(rows, max_turns=data.max_turns_per_sample)
+    rows = list(rows)
+    if data.max_train_samples:
+        rows = rows[: data.max_train_samples]
+    logger.info("%s: %d training samples from %s (%s)", stage, len(rows), data.train_file, report)
+    return rows
+
+
+def build_chat(config: StageConfig) -> VLMChat:
+    """The model to train: ``init_from`` loaded trainable, or ``model`` assembled (seeded by ``train.seed``)."""
+    if config.init_from is not None:
+        return VLMChat.from_pretrained(config.init_from, is_trainable=True)
+    return VLMChat.from_config(copy.deepcopy(config.model), seed=config.train.seed)  # building fills num_image_tokens
 
 
 def _add_reference_adapter(chat: VLMChat, init_from: str) -> None:
@@ -270,92 +320,124 @@ def _add_reference_adapter(chat: VLMChat, init_from: str) -> None:
     logger.info("dpo: reference = frozen copy of %s", adapter)
 
 
-def load_rows(stage: str, data: DataArgs, skip_bad_rows: bool):
-    from vlm_chat import data as readers
-
-    reader = {
-        "pretrain": readers.load_captions,
-        "instruct": readers.load_conversations,
-        "dpo": readers.load_preferences,
-    }[stage]
-    rows, report = reader(data.train_file, data.image_folder, skip_bad_rows=skip_bad_rows)
-    if stage == "instruct" and data.pack_by_image:
-        rows = readers.pack_by_image(rows, max_turns=data.max_turns_per_sample)
-    rows = list(rows)
-    if data.max_train_samples:
-        rows = rows[: data.max_train_samples]
-    logger.info("%s: %d training samples from %s (%s)", stage, len(rows), data.train_file, report)
-    return rows
-
-
-def build_chat(model_args: ModelArgs, seed: int) -> VLMChat:
-    if model_args.init_from:
-        return VLMChat.from_pretrained(model_args.init_from, is_trainable=True)
-    return VLMChat.from_config(model_args.vlm_config(), seed=seed)
-
-
-def run(stage: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``--config`` + overrides, build the model, train, and save ``output_dir/final`` (a VLMChat checkpoint).
-
-    Returns:
-        The engine's result dict (``final_dir``, ``history``, ...).
-    """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-    model_args, data_args, stage_args, cfg = parse_config(
-        [ModelArgs, DataArgs, StageArgs, TrainConfig], argv, prog=f"train/{stage}.py"
-    )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    chat = build_chat(model_args, cfg.seed)
-    lora = stage != "pretrain"
-    mapper = stage != "dpo" or stage_args.train_mapper
-    if lora and not chat.config.lm.use_lora:
-        raise ValueError(f"stage {stage} trains LoRA but the model has no adapter (lm.use_lora is false)")
-    if stage_args.dpo_reference not in ("init", "base"):
-        raise ValueError(f"dpo_reference must be 'init' or 'base', got {stage_args.dpo_reference!r}")
-    if stage == "dpo" and stage_args.dpo_reference == "init" and model_args.init_from:
-        _add_reference_adapter(chat, model_args.init_from)
-    chat.model.configure_trainable(mapper=mapper, lora=lora)
+def _param_groups(chat: VLMChat, config: StageConfig, mapper: bool, lora: bool) -> list[dict]:
     groups = []
     if mapper:
-        groups.append(
-            {"name": "mapper", "params": [p for p in chat.model.mapper.parameters()], "lr": stage_args.mapper_lr}
-        )
+        groups.append({"name": "mapper", "params": list(chat.model.mapper.parameters()), "lr": config.options.mapper_lr})
     if lora:
-        groups.append(
-            {
-                "name": "lora",
-                "params": chat.model.lora_parameters(),
-                "lr": stage_args.lora_lr,
-            }
-        )
+        groups.append({"name": "lora", "params": chat.model.lora_parameters(), "lr": config.options.lora_lr})
     # Trained weights are kept in fp32 whatever the model's dtype (LLaVA and PEFT do the same): AdamW updates below
     # bf16's resolution would be lost, and fp16 mixed precision's gradient scaler refuses fp16 gradients. The frozen
     # base keeps its half dtype; mixed_precision's autocast runs the matmuls in half precision.
     for p in (p for g in groups for p in g["params"]):
         if p.dtype != torch.float32:
             p.data = p.data.float()
-    rows = load_rows(stage, data_args, cfg.skip_bad_rows)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    save_config(Path(cfg.output_dir) / "config.yaml", model_args, data_args, stage_args, cfg)
-    command = " ".join([f"train/{stage}.py", *(sys.argv[1:] if argv is None else argv)])
+    return groups
+
+
+def save_stage_config(path: str | Path, config: StageConfig) -> Path:
+    """Write ``config`` as a YAML file that :func:`load_stage_config` (or ``--config``) reads back."""
+    flat = (_InitFrom(config.init_from), config.data, config.options, config.train)
+    return save_config(path, *flat, sections={"model": config.model})
+
+
+def run_stage(config: StageConfig) -> TrainResult:
+    """Build the model, train the stage, and save ``output_dir/final`` (a VLMChat checkpoint).
+
+    Args:
+        config: the run (see :class:`StageConfig`; :func:`load_stage_config` reads one from YAML).
+
+    Returns:
+        The engine's :class:`~vlm_chat.training.engine.TrainResult` (``final_dir``, ``history``, ...).
+    """
+    stage, cfg = STAGES[config.stage], config.train
+    chat = build_chat(config)
+    mapper = stage.trains_mapper if config.options.train_mapper is None else config.options.train_mapper
+    lora = stage.trains_lora
+    if not (mapper or lora):
+        raise ConfigError(f"stage {stage.name} trains only the mapper; 'train_mapper: false' leaves nothing to train")
+    if lora and not chat.config.lm.use_lora:
+        raise ValueError(f"stage {stage.name} trains LoRA but the model has no adapter (lm.use_lora is false)")
+    if stage.reference and config.options.dpo_reference == "init" and config.init_from:
+        _add_reference_adapter(chat, config.init_from)
+    chat.model.configure_trainable(mapper=mapper, lora=lora)
+    groups = _param_groups(chat, config, mapper, lora)
+    rows = load_rows(stage.name, config.data, cfg.skip_bad_rows)
+    save_stage_config(Path(cfg.output_dir) / "config.yaml", config)
+    command = config.command or f"run_stage(load_stage_config({stage.name!r}, 'config.yaml'))"
 
     def on_save(directory: Path) -> None:
-        card = chat._default_card(chat.config) + f"\n## Training\n\nStage `{stage}`: `{command}`\n"
+        card = chat._default_card(chat.config) + f"\n## Training\n\nStage `{stage.name}`: `{command}`\n"
         chat.save_pretrained(directory, card=card)
 
-    collate = Collator(chat, stage, FeatureCache(chat, stage_args.cache_vision_features), data_args.independent_turns)
+    lengths = [stage.text_length(row) for row in rows] if cfg.group_by_length else None
+    features = FeatureCache(chat, config.options.cache_vision_features)
+    if features.enabled:
+        features.precompute([rows[i]["image"] for i in _rows_in_run(len(rows), cfg, lengths) if rows[i]["image"]],
+                            progress=not cfg.disable_tqdm)
     return train(
         chat.model,
         rows,
-        collate,
-        _loss_fn(stage, stage_args.beta),
+        Collator(chat, stage, features, config.data.independent_turns),
+        stage.loss_step(config.options),
         cfg,
         param_groups=groups,
         on_save=on_save,
         gradient_checkpointing_fn=_gradient_checkpointing,
-        lengths=[_text_length(stage, row) for row in rows] if cfg.group_by_length else None,
+        lengths=lengths,
     )
+
+
+def _rows_in_run(num_rows: int, cfg: TrainConfig, lengths: list[int] | None) -> list[int]:
+    """The rows the engine will draw (the same order, batch layout and step count), so the feature pass covers those.
+
+    A run shorter than an epoch then costs the tower no more than it trains on.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # as the engine counts processes
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * (num_rows // per_step))
+    return samples_in_run(num_rows, cfg.seed, per_step, steps, lengths)
+
+
+def load_stage_config(stage: str, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                      argv: Sequence[str] | None = None) -> StageConfig:
+    """A :class:`StageConfig` from a YAML file, then Python ``overrides``, then command-line ``argv`` (last wins).
+
+    Args:
+        stage: ``pretrain``, ``instruct`` or ``dpo``.
+        config_file: a stage YAML (flat engine/data/stage keys, the model under ``model:``); ``--config`` in
+            ``argv`` replaces it.
+        overrides: ``{key: value}``; model keys as dotted names (``{"model.lm.lora_r": 8}``) or a ``model`` mapping.
+        argv: ``--key value`` pairs (``--model.mapper.kind perceiver``); ``--help`` lists the keys.
+
+    Returns:
+        The checked configuration.
+
+    Raises:
+        ConfigError: unknown key (naming it and the valid ones), an old key name (naming the new one), a wrong type,
+            or both / neither of ``model`` and ``init_from``.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    init, data, options, train_cfg, model = parse_config(
+        [_InitFrom, DataArgs, StageArgs, TrainConfig], list(argv or []), prog=f"train/{stage}.py",
+        config_file=config_file, overrides=overrides, nested={"model": VLMConfig}, moved=MOVED_KEYS,
+    )
+    return StageConfig(stage=stage, model=model, init_from=init.init_from, data=data, options=options, train=train_cfg)
+
+
+def main(stage: str, argv: Sequence[str] | None = None) -> TrainResult:
+    """Command-line entry point of ``train/<stage>.py``: ``--config FILE [--key value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_stage_config(stage, argv=argv)
+    except ConfigError as err:  # a config mistake deserves a message, not a traceback
+        raise SystemExit(f"error: {err}") from None
+    config.command = shlex.join([f"train/{stage}.py", *argv])
+    result = run_stage(config)
+    print(f"final model: {result.final_dir}")
+    return result
 
 
 def _gradient_checkpointing(model) -> None:
