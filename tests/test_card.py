@@ -57,13 +57,12 @@ def _tiny_chat(vision_dir, lm_dir):
     return chat
 
 
-def test_saved_checkpoint_card_and_default_card_delegate(tiny_clip_dir, tiny_llama_dir, tmp_path):
+def test_saved_checkpoint_card_has_hub_front_matter(tiny_clip_dir, tiny_llama_dir, tmp_path):
     chat = _tiny_chat(tiny_clip_dir, tiny_llama_dir)
     chat.save_pretrained(tmp_path / "ckpt")
     card = ModelCard.load(tmp_path / "ckpt" / "README.md")
     assert card.data.pipeline_tag == "image-text-to-text"
     assert card.data.library_name == "vlm-chat"
-    assert chat._default_card(chat.config) == model_card(chat.config)  # the training stages still call this
 
 
 @pytest.mark.parametrize("relative", [False, True])

@@ -270,20 +270,10 @@ class VLMChat:
             ConnectionError: the Hub is off (``HF_HUB_OFFLINE``); nothing was written or uploaded.
             ValueError: bad ``repo_id`` or ``format``.
         """
-        import tempfile
+        from vlm_chat.export import push_to_hub
 
-        from vlm_chat.export import FORMATS, check_can_upload, upload_folder
-
-        if format != "checkpoint" and format not in FORMATS:
-            raise ValueError(f"unknown push format {format!r}; valid: checkpoint, {', '.join(FORMATS)}")
-        check_can_upload(repo_id)
-        with tempfile.TemporaryDirectory(prefix="vlm-chat-push-") as tmp:
-            folder = Path(tmp) / repo_id.split("/")[-1]
-            if format == "checkpoint":
-                self.save_pretrained(folder, card=card)
-            else:
-                self.export(folder, format=format, card=card)
-            return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        return push_to_hub(self, repo_id, format, private=private, token=token, commit_message=commit_message,
+                           card=card)
 
     def _write(self, path: Path, merge: bool, card: str | None) -> None:
         with atomic_directory(path) as tmp:
@@ -325,11 +315,6 @@ class VLMChat:
         self.model.vision.model.save_pretrained(target)
         self.model.vision.image_processor.save_pretrained(target)
         config.vision.name_or_path = _VISION_DIR
-
-    @staticmethod
-    def _default_card(config: VLMConfig) -> str:
-        # Kept for vlm_chat/training/stages.py until it calls vlm_chat.card.model_card itself.
-        return model_card(config)
 
     # ------------------------------------------------------------------------------------------------ inference
     def _inputs(self, images: list[ImageLike | None], prompts: list[str],

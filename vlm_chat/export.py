@@ -378,3 +378,20 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | No
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                              commit_message=commit_message or f"Upload {Path(folder).name} with vlm-chat")
+
+
+def push_to_hub(chat, repo_id: str, format: str = "checkpoint", *, private: bool | None = None,
+                token: str | None = None, commit_message: str | None = None, card: str | None = None):
+    """:meth:`VLMChat.push_to_hub`: write ``chat`` in ``format`` to a temporary folder, then upload it."""
+    import tempfile
+
+    if format != "checkpoint" and format not in FORMATS:
+        raise ValueError(f"unknown push format {format!r}; valid: checkpoint, {', '.join(FORMATS)}")
+    check_can_upload(repo_id)
+    with tempfile.TemporaryDirectory(prefix="vlm-chat-push-") as tmp:
+        folder = Path(tmp) / repo_id.split("/")[-1]
+        if format == "checkpoint":
+            chat.save_pretrained(folder, card=card)
+        else:
+            chat.export(folder, format=format, card=card)
+        return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
+from vlm_chat.card import model_card
 from vlm_chat.chat import CAPTION_PROMPTS, VLMChat
 from vlm_chat.config import VLMConfig
 from vlm_chat.losses import dpo_loss
@@ -367,7 +368,7 @@ def run_stage(config: StageConfig) -> TrainResult:
     command = config.command or f"run_stage(load_stage_config({stage.name!r}, 'config.yaml'))"
 
     def on_save(directory: Path) -> None:
-        card = chat._default_card(chat.config) + f"\n## Training\n\nStage `{stage.name}`: `{command}`\n"
+        card = model_card(chat.config, body=f"## Training\n\nStage `{stage.name}`: `{command}`\n")
         chat.save_pretrained(directory, card=card)
 
     lengths = [stage.text_length(row) for row in rows] if cfg.group_by_length else None
