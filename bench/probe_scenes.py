@@ -253,14 +253,17 @@ def probe_stage(
 
     Returns:
         ``{target: {"accuracy", "n", "majority" (accuracy of always answering the most frequent training class),
-        "by_quadrant": [4 accuracies] (quadrant targets), "weight_decay": [chosen per probe]}}``.
+        "by_quadrant": [4 accuracies] (quadrant targets), "by_size": {"small", "large"} (object targets),
+        "weight_decay": [chosen per probe]}}``.
     """
+    from vlm_chat.datasets import shapes
+
     per_patch = train.shape[1] == grid**2
     quadrants = quadrant_patches(grid) if per_patch else [None] * 4
     result: dict[str, dict[str, Any]] = {}
     right: dict[str, list[torch.Tensor]] = {}
     for target in QUADRANT_TARGETS:
-        hits, majority_hits, by_quadrant, wds = [], [], [], []
+        hits, majority_hits, by_quadrant, wds, sizes = [], [], [], [], []
         chosen = None  # the L2 weight is chosen on the first quadrant and reused: a quarter of the fits
         for q, patches in enumerate(quadrants):
             tr = y_train[target][:, q] >= 0
@@ -273,6 +276,7 @@ def probe_stage(
             chosen = fit["weight_decay"]
             hit = fit["predictions"] == yte
             hits.append(hit)
+            sizes.append(y_test["size"][te, q])
             majority_hits.append(yte == Counter(ytr.tolist()).most_common(1)[0][0])
             by_quadrant.append(hit.float().mean().item() if len(hit) else float("nan"))
             wds.append(fit["weight_decay"])
@@ -288,6 +292,11 @@ def probe_stage(
             "by_quadrant": by_quadrant,
             "weight_decay": wds,
         }
+        if target != "empty":  # small shapes cover about 2x2 patches, large ones 3x3 to 4x4
+            size_of = torch.cat(sizes)
+            result[target]["by_size"] = {
+                name: all_hits[size_of == k].float().mean().item() for k, name in enumerate(shapes.SIZES)
+            }
     occupied = y_test["empty"] == 0  # [M, 4]
     both = torch.stack(right["color"], 1) & torch.stack(right["shape"], 1)  # [M, 4]
     result["object"] = {"accuracy": both[occupied].float().mean().item(), "n": int(occupied.sum())}
@@ -473,7 +482,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16, help="Questions per generate_batch call.")
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS))
     parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per probe fit.")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads. 1 by default: on a shared 2-core machine, 2 threads made the small L-BFGS "
+                        "fits up to 60x slower.")
     parser.add_argument("--output", default=None, help="Write the full result (with every LLM reply) as JSON here.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
