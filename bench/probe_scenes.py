@@ -1,8 +1,7 @@
-"""Where is shapes-world scene information lost? Linear probes on the frozen tower and the mapper, and the LLM's answers.
+"""Where is shapes-world scene information lost? Linear probes on the tower and the mapper, and the LLM's answers.
 
-    python -m bench.probe_scenes [--model vlm_chat/demo_model] [--train-scenes 1500] [--test-scenes 400]
-        [--llm-scenes 100] [--output runs/probe/demo.json]
-    python -m bench.probe_scenes --vision runs/probe/clip/final --llm-scenes 0   # a stage-0 tower alone
+    python -m bench.probe_scenes [--model DIR] [--train-scenes 1500] [--test-scenes 400] [--llm-scenes 100] [--output F]
+    python -m bench.probe_scenes --vision runs/probe/clip/final   # a stage-0 tower alone: no mapper, no LLM
 
 Probe-training scenes come from the shapes world's training seed (1), probe-test scenes from its validation seed (2);
 the test seed (1234) is refused. Every image goes through the model's own path: ``VLMChat.processor.pixel_values`` ->
@@ -20,9 +19,8 @@ weight is chosen on a fifth of the probe-training scenes, then refitted on all o
 
 Stages whose tokens are not one per patch (pooled output; a pooling or resampling mapper) are probed on all tokens.
 The LLM row asks every ``shapes.qa_pairs`` question of the first ``--llm-scenes`` probe-test scenes with
-``VLMChat.generate_batch`` (greedy); a reply is right when the first answer of that question type's vocabulary in
-it (``vlm_chat.eval.extract_answer``) is the answer. What was measured:
-docs/experiments/2026-12-04-where-scene-information-is-lost.md.
+``VLMChat.generate_batch`` (greedy); a reply is right when the first answer of that question type's vocabulary in it
+(``vlm_chat.eval.extract_answer``) is the answer. Results: docs/experiments/2026-12-04-where-scene-information-is-lost.md
 """
 
 from __future__ import annotations
@@ -55,18 +53,9 @@ def answer_vocabularies() -> dict[str, list[str]]:
     """
     from vlm_chat.datasets import shapes
 
-    numbers = [str(k) for k in range(10)]
-    yes_no = ["yes", "no"]
-    return {
-        "count": numbers,
-        "count_attribute": numbers,
-        "color": list(shapes.COLORS),
-        "shape": list(shapes.SHAPES),
-        "size": list(shapes.SIZES),
-        "position": list(shapes.POSITIONS),
-        "exists": yes_no,
-        "relation": yes_no,
-    }
+    numbers, yes_no = [str(k) for k in range(10)], ["yes", "no"]
+    return {"count": numbers, "count_attribute": numbers, "color": list(shapes.COLORS), "shape": list(shapes.SHAPES),
+            "size": list(shapes.SIZES), "position": list(shapes.POSITIONS), "exists": yes_no, "relation": yes_no}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,10 +198,8 @@ def fit_probe(
     Returns:
         ``{"predictions": [M] tensor, "weight_decay": chosen, "holdout_accuracy": its accuracy}``.
     """
-    if len(x_train) != len(y_train):
-        raise ValueError(f"x_train has {len(x_train)} rows but y_train {len(y_train)}")
-    if len(x_train) < 5:
-        raise ValueError(f"a probe needs at least 5 training rows, got {len(x_train)}")
+    if len(x_train) != len(y_train) or len(x_train) < 5:
+        raise ValueError(f"a probe needs >= 5 training rows and one label each; got {len(x_train)} and {len(y_train)}")
     mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     num_classes = int(y_train.max()) + 1
@@ -424,20 +411,17 @@ def run_probes(
         t0 = time.perf_counter()
         llm = llm_answers(chat, test[:llm_scenes], batch_size=batch_size)
         seconds["llm"] = time.perf_counter() - t0
-    setup = {
-        "image_size": size, "patch_grid": grid, "layers": cfg.num_hidden_layers,
-        "feature_layer": vision.feature_layer, "feature_layer_is_patch_tokens": same, "train_scenes": train_scenes, "train_seed": train_seed,
-        "test_scenes": test_scenes, "test_seed": test_seed, "llm_scenes": llm_scenes if llm else 0,
-        "probe": "multinomial logistic regression, torch L-BFGS, z-scored features, L2 chosen on a holdout fifth",
-    }
+    setup = {"image_size": size, "patch_grid": grid, "layers": cfg.num_hidden_layers,
+             "feature_layer": vision.feature_layer, "feature_layer_is_patch_tokens": same,
+             "train_scenes": train_scenes, "train_seed": train_seed, "test_scenes": test_scenes, "test_seed": test_seed,
+             "llm_scenes": llm_scenes if llm else 0,
+             "probe": "multinomial logistic regression, torch L-BFGS, z-scored features, L2 chosen on a holdout fifth"}
     return {"setup": setup, "probes": probes, "llm": llm, "seconds": seconds}
 
 
 # Which LLM question types read which probe target (the table's last column).
-LLM_TYPES = {
-    "color": ("color",), "shape": ("shape",), "size": ("size",), "empty": ("exists",),
-    "object": ("position",), "count": ("count",),
-}
+LLM_TYPES = {"color": ("color",), "shape": ("shape",), "size": ("size",), "empty": ("exists",),
+             "object": ("position",), "count": ("count",)}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -453,12 +437,8 @@ def table(result: dict[str, Any]) -> str:
                  f"{probes[feature_layer][target]['accuracy']:.3f}",
                  f"{probes[best][target]['accuracy']:.3f} ({best})"]
         cells.append(f"{probes['mapper'][target]['accuracy']:.3f}" if "mapper" in probes else "-")
-        llm = result.get("llm")
-        if llm:
-            parts = [f"{t} {llm['by_type'][t]['accuracy']:.3f}" for t in LLM_TYPES[target] if t in llm["by_type"]]
-            cells.append(", ".join(parts) or "-")
-        else:
-            cells.append("-")
+        by_type = (result.get("llm") or {}).get("by_type", {})
+        cells.append(", ".join(f"{t} {by_type[t]['accuracy']:.3f}" for t in LLM_TYPES[target] if t in by_type) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("llm"):
         by_type = result["llm"]["by_type"]
@@ -478,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test-scenes", type=int, default=400)
     parser.add_argument("--llm-scenes", type=int, default=100, help="Probe-test scenes the LLM answers (0: skip).")
     parser.add_argument("--train-seed", type=int, default=TRAIN_SEED)
-    parser.add_argument("--test-seed", type=int, default=VALIDATION_SEED)
+    parser.add_argument("--test-seed", type=int, default=VALIDATION_SEED)  # 1234, the test seed, is refused
     parser.add_argument("--batch-size", type=int, default=16, help="Questions per generate_batch call.")
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS))
     parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per probe fit.")
@@ -491,10 +471,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.vision and args.model:
+        parser.error("give --model or --vision, not both")
     chat = tower = None
     if args.vision:
-        if args.model:
-            parser.error("give --model or --vision, not both")
         from vlm_chat.config import VisionConfig
         from vlm_chat.vision import VisionTower
 
@@ -509,8 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.train_seed, args.test_seed, args.batch_size, weight_decays=args.weight_decays, max_iter=args.max_iter,
     )
     result["setup"]["source"] = args.vision or args.model or "vlm_chat/demo_model"
-    print(table(result))  # CLI output
-    print(json.dumps(result["seconds"]))
+    print(table(result) + "\n" + json.dumps(result["seconds"]))  # CLI output
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))
