@@ -20,7 +20,7 @@ weight is chosen on a fifth of the probe-training scenes, then refitted on all o
 Stages whose tokens are not one per patch (pooled output; a pooling or resampling mapper) are probed on all tokens.
 The LLM row asks every ``shapes.qa_pairs`` question of the first ``--llm-scenes`` probe-test scenes with
 ``VLMChat.generate_batch`` (greedy); a reply is right when the first answer of that question type's vocabulary in it
-(``vlm_chat.eval.extract_answer``) is the answer. Results: docs/experiments/2026-12-04-where-scene-information-is-lost.md
+(``vlm_chat.eval.extract_answer``) is the answer. See docs/experiments/2026-12-04-where-scene-information-is-lost.md
 """
 
 from __future__ import annotations
