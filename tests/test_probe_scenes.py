@@ -1,0 +1,83 @@
+"""bench.probe_scenes: quadrant layout, labels, a probe that must learn a separable target, and a run on a tiny VLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import probe_scenes
+from vlm_chat.datasets import shapes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # L-BFGS on small problems is thousands of tiny ops: on a loaded 2-core machine, 2 threads made one probe fit
+    # 60x slower than 1 (8.8 s vs 0.14 s, measured).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quadrant_patches_follow_the_positions_order():
+    # 4x4 grid: rows 0-1 are the top, columns 0-1 the left.
+    assert probe_scenes.quadrant_patches(4) == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(ValueError, match="even patch grid"):
+        probe_scenes.quadrant_patches(3)
+
+
+def test_scene_labels_put_each_object_in_its_quadrant():
+    scene = shapes.generate_scene(seed=1, index=0)
+    labels = probe_scenes.scene_labels([scene])
+    occupied = {shapes.POSITIONS.index(o.position): o for o in scene.objects}
+    for q in range(4):
+        if q in occupied:
+            o = occupied[q]
+            assert labels["empty"][0, q] == 0
+            assert labels["color"][0, q] == shapes.COLORS.index(o.color)
+            assert labels["shape"][0, q] == shapes.SHAPES.index(o.shape)
+            assert labels["size"][0, q] == shapes.SIZES.index(o.size)
+        else:
+            assert labels["empty"][0, q] == 1 and labels["color"][0, q] == -1
+    assert labels["count"][0] == len(scene.objects) - 1
+
+
+def test_probe_learns_a_separable_target_and_not_noise():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 20, generator=gen) * 4
+    y = torch.randint(0, 3, (300,), generator=gen)
+    x = centers[y] + torch.randn(300, 20, generator=gen) * 0.1  # three far-apart clusters
+    fit = probe_scenes.fit_probe(x[:200], y[:200], x[200:])
+    assert torch.equal(fit["predictions"], y[200:])
+    # Labels independent of the features: a linear probe cannot beat chance by much on held-out rows.
+    noise = torch.randint(0, 2, (300,), generator=gen)
+    fit = probe_scenes.fit_probe(x[:200], noise[:200], x[200:])
+    assert (fit["predictions"] == noise[200:]).float().mean() < 0.7
+
+
+def test_run_refuses_the_test_seed():
+    with pytest.raises(ValueError, match="test seed"):
+        probe_scenes.run_probes(tower=object(), test_seed=1234)
+
+
+def test_run_probes_on_a_tiny_vlm(tiny_clip_dir, tiny_smollm2_dir):
+    from vlm_chat import VLMChat
+
+    chat = VLMChat.from_components(str(tiny_clip_dir), str(tiny_smollm2_dir), device="cpu")
+    result = probe_scenes.run_probes(chat, train_scenes=24, test_scenes=8, llm_scenes=1, batch_size=8,
+                                     weight_decays=[1e-2], max_iter=10)
+    # model.vision's output is layer -2's patch tokens, so it is probed once, as layer-2.
+    assert result["setup"]["feature_layer_is_patch_tokens"] is True
+    assert set(result["probes"]) == {"layer-1", "layer-2", "layer-3", "pooled", "mapper"}
+    test_scenes = shapes.generate_scenes(8, seed=2, image_size=32)
+    occupied = sum(len(s.objects) for s in test_scenes)
+    for stage in result["probes"].values():
+        assert stage["empty"]["n"] == 8 * 4
+        assert stage["color"]["n"] == stage["object"]["n"] == occupied
+        assert stage["count"]["n"] == 8
+    expected = {}
+    for scene in test_scenes[:1]:
+        for qa in shapes.qa_pairs(scene):
+            expected[qa.qtype] = expected.get(qa.qtype, 0) + 1
+    assert {t: v["n"] for t, v in result["llm"]["by_type"].items()} == expected
+    assert "| count |" in probe_scenes.table(result)
