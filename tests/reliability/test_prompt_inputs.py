@@ -118,8 +118,9 @@ def test_misspelled_generation_keyword_is_refused(chat, refs):
     ids=["no_content", "strings", "not_a_list", "unknown_role"],
 )
 def test_malformed_history_is_refused_naming_the_turn(chat, refs, history):
-    """A KeyError('content') or "string indices must be integers" named neither the history nor the turn."""
-    with pytest.raises((ValueError, TypeError), match=r"history\[0\]"):
+    """A KeyError('content') or "string indices must be integers" named neither the history nor the turn. A history
+    that is not a list at all (a string, a number: found by tests/test_fuzz_generate.py) is refused as a whole."""
+    with pytest.raises((ValueError, TypeError), match=r"history(\[0\]| must be a list of turns, got str)"):
         chat.generate(refs["scene"], QUESTION, history=history, **GEN)
 
 
