@@ -54,6 +54,7 @@ def test_demo_tower_zero_shot_is_what_the_card_says():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 200 questions through SmolLM2-135M: 21 min measured here with 7 jobs on 2 cores
 def test_demo_model_answers_easyvqa_test_questions():
     chat = vlm_chat.VLMChat.from_pretrained(vlm_chat.DEMO_MODEL, device="cpu")
     samples = easyvqa.quick_eval_subset(VQA_QUESTIONS)  # fixed: the project's seed, test split
