@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_inputs import GIF_SECOND_FRAME, RED, disc_mask, gray, png_bytes, png_header_only, scene
 
+from reliability.inputs import GIF_SECOND_FRAME, RED, disc_mask, gray, png_bytes, png_header_only, scene
 from vlm_chat import VLMChat
 
 

@@ -6,7 +6,8 @@ import socket
 
 import httpx
 import pytest
-from reliability_inputs import REPO, png_bytes, scene
+
+from reliability.inputs import REPO, png_bytes, scene
 
 
 def _free_port() -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reliability_inputs import CHECKPOINT_DAMAGE, GEN, QUESTION, damaged_copy, drop_key
 from safetensors.torch import load_file
 
+from reliability.inputs import CHECKPOINT_DAMAGE, GEN, QUESTION, damaged_copy, drop_key
 from vlm_chat import VLMChat
 
 

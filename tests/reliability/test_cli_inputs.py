@@ -4,8 +4,8 @@ damaged checkpoints give exit status 2 and exactly one clear line on stderr, nev
 from __future__ import annotations
 
 import pytest
-from reliability_inputs import CHECKPOINT_DAMAGE, damaged_copy, edit_config
 
+from reliability.inputs import CHECKPOINT_DAMAGE, damaged_copy, edit_config
 from vlm_chat.cli import main as cli_main
 
 

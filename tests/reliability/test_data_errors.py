@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from reliability_inputs import make_png, write_jsonl
 
+from reliability.inputs import make_png, write_jsonl
 from vlm_chat import VLMChat
 from vlm_chat.prompting import IGNORE_INDEX
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reliability_inputs import ENTRIES, HIDDEN, QUESTION, RED, ask, disc_mask, gray, png_bytes, reference_answer, scene
+
+from reliability.inputs import ENTRIES, HIDDEN, QUESTION, RED, ask, disc_mask, gray, png_bytes, reference_answer, scene
 
 
 def test_reference_answers_tell_the_images_apart(chat, refs):

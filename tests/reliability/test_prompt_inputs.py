@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
-from reliability_inputs import GEN, N_TOKENS, QUESTION, ask
 
+from reliability.inputs import GEN, N_TOKENS, QUESTION, ask
 from vlm_chat import VLMChat
 
 

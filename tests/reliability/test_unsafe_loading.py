@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_inputs import QUESTION, REPO, damaged_copy
 from safetensors.torch import load_file
 
+from reliability.inputs import QUESTION, REPO, damaged_copy
 from vlm_chat import VLMChat
 
 # Unsafe deserialisation and code execution, as they would be written in this code base.
