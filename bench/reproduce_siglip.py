@@ -1,6 +1,6 @@
 """Reproduce, small-scale: SigLIP's sigmoid loss vs CLIP's softmax loss (and triplet) at several batch sizes.
 
-    python bench/reproduce_siglip.py [--quick] [--output DIR] [--batches 16,64,256] [--examples N | --hold steps]
+    python -m bench.reproduce_siglip [--quick] [--output DIR] [--batches 16,64,256] [--examples N | --hold steps]
 
 Claim (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", arXiv:2303.15343): the sigmoid loss is
 better than the softmax (InfoNCE) loss at small batch sizes, and the two meet as the batch grows.
@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline; neve
 
 logger = logging.getLogger("reproduce_siglip")
 
-BENCH = Path(__file__).resolve().parent
 
 LOSSES = ("clip", "siglip", "triplet")
 #: Default examples seen per run: the quickstart's stage 0 (500 steps x batch 64).
@@ -51,18 +50,8 @@ TINY_MODEL = {"image_size": 32, "vision_hidden_size": 32, "vision_layers": 1, "t
 TINY_ZERO_SHOT_IMAGES = 48
 
 
-def _bench_run():
-    """``bench/run.py`` as a module (for its thread choice on a shared machine)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/reproduce_siglip.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.reproduce_siglip", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="runs/reproduce_siglip", help="Run directory (data, encoders, results).")
     p.add_argument("--data", default=None,
                    help="Directory holding (or to receive) data/shapes_train, data/shapes_eval, data/easyvqa_train "
@@ -202,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    threads, why = (args.threads, "--threads") if args.threads else _bench_run().auto_threads()
+    from bench import run as bench_run
+
+    threads, why = (args.threads, "--threads") if args.threads else bench_run.auto_threads()
     torch.set_num_threads(threads)
     logger.info("torch threads: %d (%s)", threads, why)
     out = Path(args.output)
@@ -235,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append(record)
     summary = {
         "claim": "sigmoid (SigLIP) loss beats softmax (CLIP) loss at small batch sizes (arXiv:2303.15343)",
-        "command": "python bench/reproduce_siglip.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.reproduce_siglip " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("force",)},
         "training_captions": n_rows,
@@ -253,5 +244,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(BENCH.parent))  # run from a clean clone without installing
     main()

@@ -1,6 +1,6 @@
 """Reproduce, small-scale: a few "summary tokens" vs all patch tokens as the LLM's visual input.
 
-    python bench/reproduce_summary_tokens.py [--quick] [--output DIR] [--vision DIR] [--instruct_steps N]
+    python -m bench.reproduce_summary_tokens [--quick] [--output DIR] [--vision DIR] [--instruct_steps N]
 
 Claim (Vallaeys et al. 2024, "Improved Baselines for Data-efficient Perceptual Augmentation of LLMs" / DePALM,
 arXiv:2403.13499): pooling the encoder's tokens into a few summary tokens before the LLM trains about 4x faster than
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline; neve
 
 logger = logging.getLogger("reproduce_summary_tokens")
 
-BENCH = Path(__file__).resolve().parent
 MAPPERS = ("mlp", "perceiver", "qformer")
 #: The quickstart's data (``vlm_chat.training.quickstart.FULL``) and, for tests, its tiny variant.
 FULL_DATA = {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True}
@@ -61,16 +59,8 @@ SIZES = {
 TIMING_TURNS = 4
 
 
-def _bench_run():
-    """``bench/run.py`` as a module: its alternating-rounds timer and its engine-like optimizer step."""
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/reproduce_summary_tokens.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.reproduce_summary_tokens", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="runs/reproduce_summary_tokens", help="Run directory.")
     p.add_argument("--data", default=None,
                    help="Directory holding (or to receive) the quickstart's data/ folders, e.g. a quickstart run "
@@ -252,7 +242,7 @@ def measure_steps(chats: dict[str, Any], data: dict[str, Path], args: argparse.N
     """Seconds per optimizer step per mapper, alternating mappers each round, on identical rows."""
     import torch
 
-    bench = _bench_run()
+    from bench import run as bench
     out: dict[str, Any] = {}
     batches = {m: timing_batches(c, data["conversations"], data["images"], args.batch) for m, c in chats.items()}
     optimizers = {m: bench.make_optimizer(c) for m, c in chats.items()}
@@ -310,9 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from bench import run as bench_run
     from vlm_chat import VLMChat
 
-    threads, why = (args.threads, "--threads") if args.threads else _bench_run().auto_threads()
+    threads, why = (args.threads, "--threads") if args.threads else bench_run.auto_threads()
     torch.set_num_threads(threads)
     logger.info("torch threads: %d (%s)", threads, why)
     out = Path(args.output)
@@ -357,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[mapper]["timing"] = t
     summary = {
         "claim": "a few summary tokens train ~4x faster than all patch tokens, on par in accuracy (arXiv:2403.13499)",
-        "command": "python bench/reproduce_summary_tokens.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.reproduce_summary_tokens " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("force",)},
         "vision": tower,
@@ -375,5 +366,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(BENCH.parent))  # run from a clean clone without installing
     main()

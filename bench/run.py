@@ -1,6 +1,6 @@
 """Speed and memory of vlm-chat against the bare LLM and transformers' Llava, as ratios measured in one process.
 
-    python bench/run.py [--quick] [--device cpu|cuda] [--steps N] [--vision DIR]
+    python -m bench.run [--quick] [--device cpu|cuda] [--steps N] [--vision DIR]
 
 Prints markdown tables and, as its last line, ``key=value`` pairs: step_ratio_vs_llm, sample_speedup_vs_hf_llava,
 decode_ratio_vs_llm, ttft_ms, peak_rss_mb_train, peak_rss_mb_infer, gflops_train, matmul_gflops. What each number
@@ -30,28 +30,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
+from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers next to this script
-
-from flops import LMShape, lm_train_flops, mapper_train_flops, vit_forward_flops  # noqa: E402
-from llava_ref import build_llava  # noqa: E402
-from transformers import GenerationConfig  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from vlm_chat import VLMChat  # noqa: E402
-from vlm_chat.datasets import easyvqa  # noqa: E402
-from vlm_chat.images import load_image  # noqa: E402
-from vlm_chat.offline import SMOLLM2_ALIAS, cache_dir  # noqa: E402
-from vlm_chat.prompting import IGNORE_INDEX  # noqa: E402
-from vlm_chat.training.stages import Collator, FeatureCache  # noqa: E402
+from bench.flops import LMShape, lm_train_flops, mapper_train_flops, vit_forward_flops
+from bench.llava_ref import build_llava
+from vlm_chat import VLMChat
+from vlm_chat.datasets import easyvqa
+from vlm_chat.images import load_image
+from vlm_chat.offline import SMOLLM2_ALIAS, cache_dir
+from vlm_chat.prompting import IGNORE_INDEX
+from vlm_chat.training.stages import Collator, FeatureCache
 
 logger = logging.getLogger("bench")
 
 #: The keys of the last output line, in order.
 KEYS = ("step_ratio_vs_llm", "sample_speedup_vs_hf_llava", "decode_ratio_vs_llm", "ttft_ms", "peak_rss_mb_train",
         "peak_rss_mb_infer", "gflops_train", "matmul_gflops")
-#: The tower the benchmark builds while the project has no demo tower: random-init CLIP vision encoder sized for
-#: easy-VQA's 64-pixel images (8-pixel patches -> 64 patch tokens + CLS). Speed does not depend on its weights.
+#: The tower the benchmark builds unless given --vision: a random-init CLIP vision encoder for easy-VQA's 64-pixel
+#: images (8-pixel patches -> 64 patch tokens + CLS), twice as wide as the shipped demo's (hidden 128). Speed does not
+#: depend on its weights; keeping it fixed keeps runs comparable with the measured ones in docs/benchmarks.md.
 DEMO_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
               "image_size": 64, "patch_size": 8}
 SWEEP_BATCHES = (1, 2, 4, 8)
@@ -64,7 +62,7 @@ TARGETS = {"step_ratio_vs_llm": ("<=", 1.10), "sample_speedup_vs_hf_llava": (">=
 
 # ---------------------------------------------------------------------------------------------------- plumbing
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Small workloads, no sweeps (about 3 minutes on 2 CPU cores).")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=None,
@@ -537,10 +535,10 @@ def sweep_memory(vision: str, args) -> list[dict]:
     alone."""
     rows = []
     for kind in MEMORY_KINDS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", kind, "--vision", vision,
+        cmd = [sys.executable, "-m", "bench.run", "--memory-child", kind, "--vision", vision,
                "--lm", args.lm, "--device", args.device, "--threads", str(args.threads), "--batch", str(args.batch),
                "--images", str(args.batch)] + (["--turns", str(args.turns)] if args.turns else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)  # same cwd and env: `bench` imports as here
         if proc.returncode != 0:
             logger.warning("%s memory run failed: %s", kind, proc.stderr.strip().splitlines()[-1:])
             rows.append({"kind": kind, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]})
@@ -694,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
         vision, tower_note = args.vision, f"{args.vision} (given)"
     else:
         vision = build_demo_tower(Path(tmp.name) / "tower")
-        tower_note = ("random-init CLIP vision tower built by the benchmark (the demo tower does not exist yet): "
+        tower_note = ("random-init CLIP vision tower built by the benchmark (not the demo's; see DEMO_TOWER): "
                       + ", ".join(f"{k}={v}" for k, v in DEMO_TOWER.items()))
     ensure_lm_converted(args.lm)
     groups = vqa_groups(max(args.images, args.batch, 1 if args.quick else max(SWEEP_BATCHES)))
@@ -720,7 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweeps["memory"] = sweep_memory(vision, args)
     env = {
         "mode": "quick" if args.quick else "full",
-        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "device": f"{args.device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                       else f" ({cpu_model()}, {os.cpu_count()} cores)"),

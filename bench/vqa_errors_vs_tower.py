@@ -1,7 +1,7 @@
 """Diagnostic: are a VLM's easy-VQA errors on images its frozen stage-0 tower cannot classify, or on images it can?
 
     vlm-chat eval vqa --full --output runs/demo/eval/vqa_full.json
-    python bench/vqa_errors_vs_tower.py --vision vlm_chat/demo_model/vision --vqa runs/demo/eval/vqa_full.json
+    python -m bench.vqa_errors_vs_tower --vision vlm_chat/demo_model/vision --vqa runs/demo/eval/vqa_full.json
 
 The tower's own zero-shot classifier (its pooled, last-layer embedding against "A red circle." ... for easy-VQA's 24
 classes; the prompt ``vlm-chat eval encoder`` uses) is run on every test image whose questions fix its colour and shape
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def tower_wrong(vision: str, items: list[tuple[str, str]], class_names: list[str], template: str) -> set[str]:
@@ -48,7 +46,7 @@ def split_errors(predictions: list[dict], labelled: set[str], wrong: set[str]) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.vqa_errors_vs_tower", description=__doc__.splitlines()[0])
     parser.add_argument("--vision", default="vlm_chat/demo_model/vision", help="The stage-0 CLIP/SigLIP directory.")
     parser.add_argument("--vqa", nargs="+", required=True, help="`vlm-chat eval vqa --output` JSON file(s).")
     parser.add_argument("--limit", type=int, default=None, help="Classify only the first N labelled images (tests).")

@@ -1,6 +1,6 @@
 """Diagnostic: does a model answer easy-VQA's yes/no questions by looking, or from earlier answers in its context?
 
-    python bench/yes_no_context.py --model runs/demo3/instruct/final [--n 160] [--seed 0]
+    python -m bench.yes_no_context --model runs/demo3/instruct/final [--n 160] [--seed 0]
 
 Asks ``n`` yes/no questions of easy-VQA's test split (seeded sample, images whose colour and shape are known) twice:
 alone, as the evaluation does, and after two earlier turns that state the image's colour and shape ("what color is the
@@ -15,11 +15,8 @@ import argparse
 import json
 import os
 import random
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def context_turns(color: str, shape: str) -> list[dict[str, str]]:
@@ -58,7 +55,7 @@ def measure(chat, n: int = 160, seed: int = 0, batch_size: int = 16) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | int]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.yes_no_context", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A VLMChat checkpoint directory.")
     parser.add_argument("--n", type=int, default=160, help="Yes/no questions to ask (default 160).")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,12 +1,16 @@
 """The benchmark's own logic: its HF Llava reference is the same model, its FLOP count and its alternation are right.
 
-Speed and memory are measured by ``bench/run.py``, never asserted here; the slow test only checks that the quick run
-completes and prints its keys.
+Speed and memory are measured by ``python -m bench.run``. Its targets are asserted only where a quiet machine is
+promised: the slow test checks them when ``VLM_CHAT_BENCH_QUIET=1`` is set (on a shared machine a stall of the other
+side's round would fail it for no fault of the code); otherwise it checks that the quick run completes, prints its
+keys, and that its table's met/MISSED verdicts agree with the thresholds.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import math
+import operator
 import os
 import subprocess
 import sys
@@ -15,17 +19,20 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("step_ratio_vs_llm", "sample_speedup_vs_hf_llava", "decode_ratio_vs_llm", "ttft_ms", "peak_rss_mb_train",
         "peak_rss_mb_infer", "gflops_train", "matmul_gflops")
+#: The targets docs/benchmarks.md states, written out here so that a changed threshold in bench/run.py shows.
+TARGETS = {"step_ratio_vs_llm": ("<=", 1.10), "sample_speedup_vs_hf_llava": (">=", 1.5),
+           "decode_ratio_vs_llm": (">=", 0.95)}
+OPS = {"<=": operator.le, ">=": operator.ge}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import run
+
+    return run
 
 
 def _chat(vision_dir, lm_dir):
@@ -75,8 +82,8 @@ def test_llava_reference_refuses_a_mapper_it_cannot_hold(bench, tiny_clip_dir, t
         bench.build_llava(chat)
 
 
-def test_lm_flops_match_a_hand_count(bench):
-    from flops import LMShape, lm_train_flops
+def test_lm_flops_match_a_hand_count():
+    from bench.flops import LMShape, lm_train_flops
 
     # 1 layer, d=4, f=8, kv=2, vocab 10; batch 1 x 3 tokens; head at 2 positions; LoRA r=1.
     shape = LMShape(hidden=4, intermediate=8, layers=1, kv_dim=2, vocab=10)
@@ -99,15 +106,33 @@ def test_paired_alternates_order_and_drops_warmup(bench):
     assert bench.ratio([2.0, 1.0, 3.0], [1.0, 4.0, 2.0]) == 1.0  # fastest over fastest
 
 
+def test_targets_and_their_verdicts(bench):
+    assert bench.KEYS == KEYS and bench.TARGETS == TARGETS
+    assert bench.verdict("step_ratio_vs_llm", 1.10) == "target <= 1.1: met"
+    assert bench.verdict("step_ratio_vs_llm", 1.1001) == "target <= 1.1: MISSED"
+    assert bench.verdict("sample_speedup_vs_hf_llava", 1.5) == "target >= 1.5: met"
+    assert bench.verdict("decode_ratio_vs_llm", 0.9499) == "target >= 0.95: MISSED"
+    assert bench.verdict("ttft_ms", 1e9) == ""  # no target
+
+
 @pytest.mark.slow
-def test_quick_benchmark_prints_its_keys():
+def test_quick_benchmark_prints_its_keys(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--steps", "1"], capture_output=True,
-                          text=True, env=env, timeout=900)
+    out = tmp_path / "quick.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--steps", "1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     values = dict(pair.split("=") for pair in last.split())
     assert tuple(values) == KEYS
-    for key, value in values.items():
-        assert float(value) > 0, key
-    assert "| step_ratio_vs_llm |" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    for key in KEYS:  # ratios, times, memory and rates: all positive and finite by what they measure
+        assert math.isfinite(results[key]) and results[key] > 0, key
+        assert float(values[key]) == pytest.approx(results[key], rel=1e-3), key  # the line prints 4 digits
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for key, (op, threshold) in TARGETS.items():
+        met = OPS[op](results[key], threshold)
+        assert rows[key].rstrip(" |").endswith(f"target {op} {threshold}: {'met' if met else 'MISSED'}"), rows[key]
+    if os.environ.get("VLM_CHAT_BENCH_QUIET") == "1":  # a quiet machine is promised: the targets must hold
+        missed = {k: results[k] for k, (op, t) in TARGETS.items() if not OPS[op](results[k], t)}
+        assert not missed, f"targets missed on a quiet machine: {missed}"

@@ -2,7 +2,9 @@
 
 Runs the app on a tiny random checkpoint, uploads an image, asks, waits for the streamed answer, asks a follow-up,
 checks a bad request shows a message, and saves a screenshot (its path is printed). Skips when Chromium or Playwright
-is missing; ``.ci/browser-deps`` installs Chromium. Never run ``playwright install``: the system browser is used.
+is missing, except under ``CI=true`` (as CI services set it, and ``.ci/run``), where a missing browser is a failure: CI
+promises one, so a silent skip would hide a broken install. ``.ci/browser-deps`` installs Chromium. Never run
+``playwright install``: the system browser is used.
 """
 
 from __future__ import annotations
@@ -43,11 +45,21 @@ def _words(text: str) -> str:
     return re.sub(r"[\W_]+", "", text)
 
 
+def _missing(reason: str) -> None:
+    """Skip locally; fail under CI=true, where the browser is part of the promised environment."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file() or not shutil.which(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: install it with .ci/browser-deps (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+        _missing(f"no Chromium at {CHROMIUM}: install it with .ci/browser-deps (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("Playwright is not installed (pip install playwright)")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vlm_chat.atomic import atomic_directory
 
-from vlm_chat.atomic import atomic_directory  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_MB = 25
 #: The demo's stage 0 ran longer than the quickstart's x4 (3,000 steps: 98.8% zero-shot vs 97.7% at 2,000).

@@ -172,7 +172,7 @@ def _clean_question(question: str | None) -> str:
 def _settings(max_new_tokens: float, temperature: float, top_p: float) -> dict[str, Any]:
     try:
         return generation_kwargs(int(max_new_tokens), float(temperature), float(top_p))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf) (found by tests/test_fuzz_app.py)
         raise _user_error(f"Invalid setting: {e}", title="Settings") from e
 
 
@@ -254,7 +254,10 @@ class ChatHandlers:
         """Caption tab: a short or detailed caption with the UI's settings."""
         image = _read_image(image_path, self.settings.max_pixels)
         gen = _settings(max_new_tokens, temperature, top_p)
-        return self.chat.caption(image, detailed=bool(detailed), **gen)
+        try:
+            return self.chat.caption(image, detailed=bool(detailed), **gen)
+        except (ValueError, TypeError) as e:
+            raise _user_error(f"The model refused this request: {e}", title="Generation failed") from e
 
     def answer_api(self, image_path: str | None, question: str | None) -> str:
         """Answer one question about an image (single turn, the server's generation settings)."""
@@ -268,7 +271,10 @@ class ChatHandlers:
     def caption_api(self, image_path: str | None) -> str:
         """A short caption of an image (the server's generation settings)."""
         image = _read_image(image_path, self.settings.max_pixels)
-        return self.chat.caption(image, **self.api_kwargs)
+        try:
+            return self.chat.caption(image, **self.api_kwargs)
+        except (ValueError, TypeError) as e:
+            raise _user_error(f"The model refused this request: {e}", title="Generation failed") from e
 
     @staticmethod
     def validate_question(image_path, question, *others) -> list[dict]:

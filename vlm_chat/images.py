@@ -42,6 +42,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     img = _to_8bit(img)
+    if img.mode == "La":
+        # Pillow converts premultiplied grey+alpha to LA only (found by tests/test_fuzz_generate.py): un-premultiply.
+        img = img.convert("LA")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -89,10 +92,13 @@ def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
 def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(fp)
-    except UnidentifiedImageError as e:
-        raise ValueError(f"{what}: not a readable image file ({e})") from e
     except Image.DecompressionBombError as e:
         raise ValueError(f"{what}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, AttributeError) as e:
+        # Pillow refuses an unknown format with UnidentifiedImageError, but a known signature followed by junk fails
+        # inside the format's parser: OSError ("Truncated File Read"), ValueError ("Truncated IHDR chunk"), even
+        # AttributeError (PngStream has no handler for a junk chunk name). All mean the same to the caller.
+        raise ValueError(f"{what}: not a readable image file ({type(e).__name__}: {e})") from e
     _check_pixels(img.width, img.height, what, max_pixels)
     try:
         if getattr(img, "n_frames", 1) > 1:

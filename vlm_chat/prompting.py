@@ -104,7 +104,11 @@ class VLMProcessor:
             raise ValueError(f"history[{index}] has role {turn.get('role')!r}; valid roles: system, user, assistant")
         if "content" not in turn:
             raise ValueError(f"history[{index}] has no 'content'")
-        return {"role": turn["role"], "content": self.content_text(turn["content"])}
+        try:
+            content = self.content_text(turn["content"])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"history[{index}]: {e}") from e
+        return {"role": turn["role"], "content": content}
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         if self.system_prompt is not None and messages and messages[0]["role"] != "system":
@@ -276,6 +280,8 @@ class VLMProcessor:
             raise ValueError(f"the prompt holds {prompt.count(self.image_token)} '{self.image_token}' markers "
                              "for one image; use at most one")
         budget = self.max_length - reserve
+        if history is not None and not isinstance(history, (list, tuple)):
+            raise TypeError(f"history must be a list of turns, got {type(history).__name__}")
         history = list(history or [])
         while True:
             messages = self.build_messages(prompt, history, has_image)

@@ -8,6 +8,7 @@ The front ends import this module and never each other; ``launch_ui`` starts the
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -58,8 +59,8 @@ def generation_kwargs(
         if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         kwargs["max_new_tokens"] = int(max_new_tokens)
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if temperature is not None and not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails both
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if not temperature:
