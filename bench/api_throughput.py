@@ -1,6 +1,6 @@
 """Throughput and latency of the OpenAI-compatible server: concurrent clients (batched) against one at a time.
 
-    python bench/api_throughput.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 8] [--json FILE]
+    python -m bench.api_throughput [--model DIR] [--clients 8] [--requests 3] [--max-tokens 8] [--json FILE]
 
 Starts ``vlm-chat api``'s app in-process on 127.0.0.1 (a free port) and asks ``clients x requests`` easy-VQA test
 questions (a seeded sample, each with its image as a data URL) with the official ``openai`` client, greedily:
@@ -193,7 +193,7 @@ def measure(model: str | None = None, clients: int = 8, requests: int = 3, max_t
         r.pop("answers", None)
     seq = results["sequential"]["requests_per_s"]
     return {
-        "command": "python bench/api_throughput.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.api_throughput " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads "
                    f"{torch.get_num_threads()}, device {chat.device}",
         "model": model or "demo model", "clients": clients, "requests_per_client": requests, "max_tokens": max_tokens,
