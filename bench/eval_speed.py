@@ -1,11 +1,13 @@
 """Evaluation speed: today's batched path against the shared-prefix path, same model, same questions, same answers.
 
-    python -m bench.eval_speed [--model DIR] [--questions 300] [--rounds 3] [--batch-size 16] [--json FILE]
+    python -m bench.eval_speed [--model DIR] [--questions 300] [--rounds 3] [--batch-size 16] [--shared-batch-size 64]
+                               [--json FILE]
 
 Takes the first ``--questions`` easy-VQA test questions in the package's order (whole images, ~9.7 questions each,
 as in the full split), answers them greedily with ``generate_grouped(share_prefix=False)`` (``generate_batch`` on
 runs of ``--batch-size`` questions: what ``vlm-chat eval vqa`` did before) and with ``share_prefix=True`` (each
-image's prompt prefix run once, see ``vlm_chat.prefix_cache``), asserts that every answer is identical, and prints
+image's prompt prefix run once, see ``vlm_chat.prefix_cache``, in batches of whole images of at most
+``--shared-batch-size`` questions: today's default), asserts that every answer is identical, and prints
 the questions per second of both, their ratio, and the full test split's projected time at the measured speed, and
 the process CPU time of both (on a machine shared with other jobs, wall time also counts waiting for a core).
 
@@ -43,7 +45,7 @@ def _slices(samples: list, rounds: int) -> list[list]:
     return [[s for g in groups[i : i + per] for s in g] for i in range(0, len(groups), per)]
 
 
-def run(model: str, questions: int, rounds: int, batch_size: int, max_new_tokens: int) -> dict:
+def run(model: str, questions: int, rounds: int, batch_size: int, shared_batch_size: int, max_new_tokens: int) -> dict:
     """Time both paths; raise if any answer differs.
 
     Returns:
@@ -61,8 +63,9 @@ def run(model: str, questions: int, rounds: int, batch_size: int, max_new_tokens
         answers, took = {}, {}
         for name in order:
             start, start_cpu = time.perf_counter(), time.process_time()
-            answers[name] = generate_grouped(chat, images, prompts, batch_size, name, False,
-                                             share_prefix=name == "shared_prefix", max_new_tokens=max_new_tokens)
+            shared = name == "shared_prefix"
+            answers[name] = generate_grouped(chat, images, prompts, shared_batch_size if shared else batch_size, name,
+                                             False, share_prefix=shared, max_new_tokens=max_new_tokens)
             took[name] = time.perf_counter() - start
             times[name] += took[name]
             cpu[name] += time.process_time() - start_cpu
@@ -79,6 +82,7 @@ def run(model: str, questions: int, rounds: int, batch_size: int, max_new_tokens
         "questions": len(samples),
         "images": len(easyvqa.group_by_image(samples)),
         "batch_size": batch_size,
+        "shared_batch_size": shared_batch_size,
         "threads": torch.get_num_threads(),
         "identical_answers": True,
         "batched_qps": round(qps["batched"], 3),
@@ -98,17 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=vlm_chat.DEMO_MODEL, help="checkpoint directory (default: the demo model)")
     parser.add_argument("--questions", type=int, default=300, help="first N easy-VQA test questions (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per batch on both paths (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per batch, today's path (default 16)")
+    parser.add_argument("--shared-batch-size", type=int, default=64,
+                        help="most questions per batch, shared-prefix path (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="as evaluate_vqa (default 8)")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    if not 0 < args.questions <= FULL_TEST or args.rounds < 1 or args.batch_size < 1:
-        parser.error("--questions must be in 1..9673, --rounds and --batch-size >= 1")
+    if not 0 < args.questions <= FULL_TEST or min(args.rounds, args.batch_size, args.shared_batch_size) < 1:
+        parser.error("--questions must be in 1..9673, --rounds and the batch sizes >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(args.model, args.questions, args.rounds, args.batch_size, args.max_new_tokens)
+    result = run(args.model, args.questions, args.rounds, args.batch_size, args.shared_batch_size, args.max_new_tokens)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['questions']} questions ({result['images']} images), batch {result['batch_size']}, "
+    print(f"{result['questions']} questions ({result['images']} images), batch {result['batch_size']} / "
+          f"{result['shared_batch_size']}, "
           f"{result['threads']} threads: identical answers")
     print(f"batched (generate_batch): {result['batched_qps']:.2f} q/s, full test split "
           f"{result['projected_full_test_min']['batched']} min")

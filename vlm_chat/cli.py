@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--detailed", action="store_true", help="captions: ask for detailed captions")
     ev.add_argument("--no-captions", action="store_true", help="shapes: questions only, no detailed captions")
-    ev.add_argument("--batch-size", type=_positive_int, default=16, help="questions per batch")
+    ev.add_argument("--batch-size", type=_positive_int, default=64, help="most questions per batch (default 64)")
     ev.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the task's own")
     ev.add_argument("--output", metavar="FILE", default=None, help="write the full results (with predictions) as JSON")
     return parser

@@ -117,7 +117,7 @@ def object_recall_precision(
 def evaluate_shapes(
     chat: Any,
     scenes: Sequence[Any],
-    batch_size: int = 16,
+    batch_size: int = 64,
     max_new_tokens: int = 8,
     captions: bool = True,
     caption_max_new_tokens: int = 128,
@@ -130,7 +130,7 @@ def evaluate_shapes(
     Args:
         chat: A ``VLMChat`` (anything with ``generate_batch(images, prompts, **kw)``).
         scenes: :class:`~vlm_chat.datasets.shapes.Scene` objects (e.g. ``generate_scenes(150, seed=TEST_SEED)``).
-        batch_size: Questions (or captions) per batch.
+        batch_size: Most questions (or captions) per batch.
         max_new_tokens: Answer length; answers are one or two words.
         captions: Also caption each scene (``VLMChat.caption(image, detailed=True)``'s prompt) and score the objects
             named.
