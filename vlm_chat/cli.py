@@ -34,7 +34,6 @@ from vlm_chat.serving import (
 logger = logging.getLogger(__name__)
 
 
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -1,7 +1,7 @@
 """Shared-prefix generation: run an image's prompt prefix once, then decode all of its questions from that KV cache.
 
 The chat template puts the image at the start of the first user turn, so every question about one image begins with
-the same tokens: system turn, the user turn's opening and the visual tokens (for the demo model 72 of its ~85 prompt
+the same tokens: system turn, the user turn's opening and the visual tokens (for the demo model 73 of its ~85 prompt
 tokens). :func:`generate_shared_prefix` runs that prefix once per distinct image, copies its KV cache to each of the
 image's questions (``DynamicCache.batch_select_indices``) and lets ``generate`` prefill only the questions' own
 tokens. The model sees exactly the token ids and positions of :meth:`VLMChat.generate_batch`'s left-padded batch
