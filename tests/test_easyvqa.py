@@ -19,17 +19,45 @@ def _q(question: str, answer: str, image_id: int = 0) -> E.VQASample:
 
 
 def test_split_sizes_match_the_dataset_card():
-    train, test = E.load_split("train"), E.load_split("test")
-    assert len(train) == 38_575 and len(test) == 9_673
-    assert len({s.image_id for s in train}) == len(E.image_paths("train")) == 4_000
+    train, val, test = E.load_split("train"), E.load_split("val"), E.load_split("test")
+    # The card's counts: the package's train split is our train + val.
+    assert len(train) + len(val) == 38_575 and len(test) == 9_673
+    assert len({s.image_id for s in train}) == len(E.image_paths("train")) == 3_600
+    assert len({s.image_id for s in val}) == len(E.image_paths("val")) == 400
     assert len({s.image_id for s in test}) == len(E.image_paths("test")) == 1_000
     # The card's yes/no counts.
-    assert sum(s.answer_type == "yes/no" for s in train) == 28_407
+    assert sum(s.answer_type == "yes/no" for s in train + val) == 28_407
     assert sum(s.answer_type == "yes/no" for s in test) == 7_136
     assert all(Path(s.image).is_file() for s in test[:50])
     assert all("/test/" in s.image.replace("\\", "/") for s in test) and all("/train/" in s.image for s in train[:100])
     with pytest.raises(ValueError, match="split must be one of"):
-        E.load_split("val")
+        E.load_split("validation")
+
+
+def test_validation_split_is_a_fixed_disjoint_tenth_of_train():
+    import hashlib
+
+    import easy_vqa
+
+    train, val = E.load_split("train"), E.load_split("val")
+    train_ids, val_ids = {s.image_id for s in train}, {s.image_id for s in val}
+    assert not train_ids & val_ids and val_ids == set(E.validation_image_ids()) == set(E.image_paths("val"))
+    assert not set(E.image_paths("train").values()) & set(E.image_paths("val").values())
+    # Together they are exactly the package's train questions, in its order.
+    texts, answers, ids = easy_vqa.get_train_questions()
+    package = list(zip(texts, answers, ids))
+    assert sorted((s.question, s.answer, s.image_id) for s in train + val) == sorted(package)
+    assert [(s.question, s.answer, s.image_id) for s in val] == [q for q in package if q[2] in val_ids]
+    assert len(val_ids) == 400 == len(easy_vqa.get_train_image_paths()) // 10
+    # Stable across runs and machines: a stored digest of the draw (a string seed, SHA-512-hashed by `random`).
+    digest = hashlib.sha256(",".join(map(str, sorted(val_ids))).encode()).hexdigest()
+    assert sorted(val_ids)[:8] == [2, 6, 8, 14, 18, 19, 30, 32] and digest.startswith("9fbc7fb9f5caee06")
+    # Everything built for training comes from "train" alone.
+    assert {s.image_id for s in E.balance_yes_no(train)} <= train_ids
+    assert {p["image_id"] for p in E.preference_pairs("train")} <= train_ids
+    assert {r.image_id for r in E.build_records("train")} == {f"easyvqa_train_{i}" for i in train_ids}
+    sub = E.quick_eval_subset(500, split="val")
+    assert len(sub) == 500 and {s.image_id for s in sub} <= val_ids
 
 
 def test_answer_vocabulary():
@@ -63,7 +91,7 @@ def test_derived_captions_match_the_pixels():
     train = E.load_split("train")
     captions = E.derived_captions(train)
     full = {i: c for i, c in captions.items() if len(c.split()) == 3 and "shape" not in c}
-    assert len(full) >= 3_500 and len(captions) >= 3_900
+    assert len(full) == 3_217 and len(captions) == 3_575  # the counts derived_captions documents
     paths = E.image_paths("train")
     rgb_to_name = {v: k for k, v in COLOR_RGB.items()}
     for image_id in sorted(captions)[:200]:
@@ -82,7 +110,7 @@ def test_derived_captions_match_the_pixels():
 def test_conversations_hold_all_questions_of_an_image():
     train = E.load_split("train")
     convs = E.conversations(train)
-    assert len(convs) == 4_000 and all(len(c) == 1 for c in convs.values())
+    assert len(convs) == 3_600 and all(len(c) == 1 for c in convs.values())
     by_image = E.group_by_image(train)
     for image_id, (messages,) in list(convs.items())[:300]:
         qs = by_image[image_id]
@@ -91,7 +119,7 @@ def test_conversations_hold_all_questions_of_an_image():
         assert [m["content"] for m in messages[1::2]] == [q.answer for q in qs]
         assert sum("<image>" in m["content"] for m in messages) == 1
     total = sum(len(m) // 2 for (m,) in convs.values())
-    assert total == 38_575
+    assert total == 34_726
     split = E.conversations(train[:40], max_turns=3)
     for image_id, parts in split.items():
         assert [len(m) // 2 for m in parts][:-1] == [3] * (len(parts) - 1)
@@ -114,23 +142,23 @@ def test_balanced_yes_no_removes_the_question_form_prior():
         return out
 
     before = answers_by_template(train)
-    assert len(before) == 16 and before["does the image contain a C shape?"] == {"no": 2225, "yes": 331}
+    assert len(before) == 16 and before["does the image contain a C shape?"] == {"no": 1976, "yes": 294}
     kept = E.balance_yes_no(train)
     after = answers_by_template(kept)
     assert set(after) == set(before)
     for template, counts in after.items():  # every template: as many yes as no, all of the rarer answer kept
         assert counts["yes"] == counts["no"] == min(before[template].values()), template
-    assert len(kept) == 20_466
+    assert len(kept) == 18_430
     assert [s for s in kept if s.answer_type != "yes/no"] == [s for s in train if s.answer_type != "yes/no"]
     index = {s: i for i, s in enumerate(train)}
     assert [index[s] for s in kept] == sorted(index[s] for s in kept)  # input order
     assert E.balance_yes_no(train) == kept and E.balance_yes_no(train, seed=1) != kept
 
     records = E.build_records("train", balance=True)
-    assert sum(len(m) // 2 for r in records for m in r.conversations) == 20_466
-    assert sum(len(r.vqa) for r in records) == 38_575  # VQA rows and captions still use every question
+    assert sum(len(m) // 2 for r in records for m in r.conversations) == 18_430
+    assert sum(len(r.vqa) for r in records) == 34_726  # VQA rows and captions still use every question
     single = E.build_records("train", max_turns=1, balance=True)  # data.easyvqa_max_turns=1: one question each
-    assert sum(len(r.conversations) for r in single) == 20_466
+    assert sum(len(r.conversations) for r in single) == 18_430
     assert all(len(m) == 2 for r in single for m in r.conversations)
     for balance, low, high in ((False, 0.0, 0.3), (True, 0.4, 0.6)):  # share of "yes" for un-negated questions
         pairs = E.preference_pairs("train", balance=balance)
@@ -150,7 +178,7 @@ def test_quick_subset_is_fixed_and_from_test():
     train = E.quick_eval_subset(split="train")
     assert len(train) == 1_000 and not {s.image for s in train} & {s.image for s in a}
     with pytest.raises(ValueError, match="split must be one of"):
-        E.quick_eval_subset(split="val")
+        E.quick_eval_subset(split="validation")
     types = Counter(s.answer_type for s in a)
     assert set(types) == {"yes/no", "color", "shape"}
 

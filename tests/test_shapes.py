@@ -284,3 +284,12 @@ def test_write_records_rejects_duplicate_ids(tmp_path):
     rec = sw.ImageRecord("x", scene.render(), captions=["c"])
     with pytest.raises(ValueError, match="duplicate image_id 'x'"):
         sw.write_records(tmp_path, [rec, rec])
+
+
+def test_public_names_stay_importable_from_shapes():
+    from vlm_chat.datasets import records, scenes
+
+    for name in sw.__all__:
+        assert hasattr(sw, name), name
+    assert sw.Scene is scenes.Scene and sw.write_records is records.write_records
+    assert sw.ImageRecord is records.ImageRecord and sw.generate_scenes is scenes.generate_scenes

@@ -6,6 +6,7 @@ Examples::
     vlm-chat caption cat.png --detailed
     vlm-chat serve --model runs/instruct/final --port 7860
     vlm-chat eval vqa --model runs/instruct/final --output results/vqa.json
+    vlm-chat eval shapes --model runs/instruct/final --split val
 
 Every subcommand takes ``--model DIR`` (default: the shipped demo model, ``vlm_chat.DEMO_MODEL``).
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import vlm_chat
@@ -32,11 +32,6 @@ from vlm_chat.serving import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Shapes-world seed of ``vlm-chat eval``'s default POPE and caption sets: not a training seed, so the scenes are unseen.
-SHAPES_EVAL_SEED = 1234
-#: Result keys that hold one entry per sample: written by ``--output``, left out of the printed summary.
-_PER_SAMPLE_KEYS = ("predictions", "captions", "cider_per_image")
 
 
 def _positive_int(text: str) -> int:
@@ -168,21 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         parents=[model],
-        help="score the model: VQA accuracy, POPE hallucination, caption BLEU/CIDEr",
+        help="score the model: VQA accuracy, shapes-world accuracy per question type, POPE, caption BLEU/CIDEr",
         description="Evaluate a model (see docs/evaluation.md). Prints the metrics as JSON; --output also keeps "
-        "every prediction. Without --data: vqa uses easy-VQA's fixed 1,000-question test subset, pope and captions "
-        f"use unseen shapes-world scenes (seed {SHAPES_EVAL_SEED}).",
+        "every prediction. Without --data: vqa uses easy-VQA's fixed 1,000-question test subset; shapes, pope and "
+        "captions use unseen shapes-world scenes (test seed 1234; --split val: the validation seed 2).",
     )
     ev.add_argument(
         "task",
-        choices=("vqa", "pope", "captions", "encoder"),
-        help="what to evaluate; encoder: a stage-0 CLIP/SigLIP (zero-shot on easy-VQA's 24 classes, retrieval)",
+        choices=("vqa", "shapes", "pope", "captions", "encoder"),
+        help="what to evaluate; shapes: accuracy per question type and the objects detailed captions name; "
+        "encoder: a stage-0 CLIP/SigLIP (zero-shot on easy-VQA's 24 classes, retrieval)",
     )
     which = ev.add_mutually_exclusive_group()
     which.add_argument(
         "--full",
         action="store_true",
-        help="vqa: all questions of the split (9,673 test, 38,575 train), not the 1,000 subset",
+        help="vqa: all questions of the split (9,673 test, 3,849 val, 34,726 train), not a 1,000-question subset",
     )
     which.add_argument(
         "--paraphrase",
@@ -191,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--split",
-        choices=("test", "train"),
+        choices=("test", "val", "train"),
         default="test",
-        help="vqa: easy-VQA split of the default sets (train: the questions the models learn from, to compare "
-        "train and test accuracy; --full then means all 38,575)",
+        help="which default set: test (final reports), val (choosing models: easy-VQA's held-out tenth of train, "
+        "shapes-world seed 2), train (vqa only: the questions the models learn from, a fit check)",
     )
     ev.add_argument(
         "--data",
@@ -205,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N samples")
     ev.add_argument(
-        "--scenes", type=_positive_int, default=100, help="shapes-world scenes for the default pope/captions sets"
+        "--scenes", type=_positive_int, default=None, help="shapes-world scenes (default: shapes 150, others 100)"
     )
     ev.add_argument("--detailed", action="store_true", help="captions: ask for detailed captions")
-    ev.add_argument("--batch-size", type=_positive_int, default=16, help="questions per generate_batch call")
+    ev.add_argument("--no-captions", action="store_true", help="shapes: questions only, no detailed captions")
+    ev.add_argument("--batch-size", type=_positive_int, default=64, help="most questions per batch (default 64)")
     ev.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the task's own")
     ev.add_argument("--output", metavar="FILE", default=None, help="write the full results (with predictions) as JSON")
     ex = sub.add_parser(
@@ -235,96 +232,10 @@ def _run_export(args: argparse.Namespace, gen: dict[str, Any]) -> int:
     return 0
 
 
-def _eval_samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
-    """The samples of ``vlm-chat eval TASK`` and extra keywords for its ``evaluate_*`` runner."""
-    from vlm_chat.datasets import easyvqa, shapes
-    from vlm_chat.eval import load_eval_jsonl
-
-    required = {"vqa": ("image", "question", "answer"), "pope": ("image", "question", "label")}
-    extra: dict[str, Any] = {}
-    if args.split != "test" and (args.data is not None or args.task != "vqa"):
-        raise UsageError("--split chooses among the default easy-VQA sets: it applies to `eval vqa` without --data")
-    if args.data is not None:
-        rows = load_eval_jsonl(args.data, required=required.get(args.task, ("image", "caption")))
-        if args.task == "captions":  # one row per reference caption: gather each image's references
-            refs: dict[str, list[str]] = {}
-            for row in rows:
-                refs.setdefault(row["image"], []).append(row["caption"])
-            rows = [{"image": image, "references": r} for image, r in refs.items()]
-    elif args.task == "vqa":
-        if args.paraphrase:
-            rows = easyvqa.paraphrase_questions(split=args.split)
-        else:
-            rows = easyvqa.load_split(args.split) if args.full else easyvqa.quick_eval_subset(split=args.split)
-        extra["vocabulary"] = easyvqa.answer_vocabulary()  # so a colour answered to a yes/no question is judged
-    else:
-        scenes = shapes.generate_scenes(args.scenes, seed=SHAPES_EVAL_SEED)
-        images = [scene.render() for scene in scenes]
-        if args.task == "pope":
-            rows = [{**q, "image": images[q["scene_index"]]} for q in shapes.pope_questions(scenes)]
-        else:
-            rows = [
-                {"image": img, "references": shapes.reference_captions(scene, detailed=args.detailed)}
-                for img, scene in zip(images, scenes)
-            ]
-    if not rows:
-        raise UsageError(f"{args.data or 'the evaluation set'} holds no samples")
-    return rows[: args.limit], extra
-
-
 def _run_eval(args: argparse.Namespace, gen: dict[str, Any]) -> int:
-    import json
+    from vlm_chat.eval.command import run_eval
 
-    from vlm_chat import eval as evaluation
-
-    if args.task == "encoder":
-        return _run_eval_encoder(args)
-    samples, extra = _eval_samples(args)
-    chat = load_model(args.model)
-    kwargs = {"batch_size": args.batch_size, **extra}
-    if args.max_new_tokens is not None:
-        kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.task == "vqa":
-        result = evaluation.evaluate_vqa(chat, samples, **kwargs)
-    elif args.task == "pope":
-        result = evaluation.evaluate_pope(chat, samples, **kwargs)
-    else:
-        result = evaluation.evaluate_captions(chat, samples, detailed=args.detailed, **kwargs)
-    result = {"task": args.task, "model": args.model or vlm_chat.DEMO_MODEL, "data": args.data, **result}
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        logger.info("wrote %s", out)
-    print(json.dumps({k: v for k, v in result.items() if k not in _PER_SAMPLE_KEYS}, indent=2))
-    return 0
-
-
-def _run_eval_encoder(args: argparse.Namespace) -> int:
-    """Zero-shot classification on easy-VQA test images and image<->text retrieval on unseen shapes-world scenes."""
-    import json
-
-    from vlm_chat import eval as evaluation
-    from vlm_chat.datasets import easyvqa, shapes
-
-    path = Path(args.model or vlm_chat.DEMO_ENCODER)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not a CLIP/SigLIP directory (no config.json); pass --model DIR of a stage-0 run")
-    classes = easyvqa.labelled_images("test")[: args.limit]
-    scenes = shapes.generate_scenes(args.scenes, seed=SHAPES_EVAL_SEED)
-    captions = [(scene.render(), shapes.reference_captions(scene)[0]) for scene in scenes]
-    result = evaluation.evaluate_encoder(
-        str(path),
-        class_items=classes,
-        class_names=easyvqa.CLASS_NAMES,
-        class_template=easyvqa.ZERO_SHOT_TEMPLATE,
-        caption_items=captions,
-    )
-    result = {"task": "encoder", "model": str(path), "class_template": easyvqa.ZERO_SHOT_TEMPLATE, **result}
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_eval(args)
 
 
 def _run_chat(args: argparse.Namespace, gen: dict[str, Any]) -> int:

@@ -5,7 +5,10 @@ images with 38,575 questions and 1,000 test images with 9,673 questions, all ans
 package installs the PNGs and a ``questions.json`` per split offline; ``easy_vqa.get_train_questions()`` returns
 three parallel lists (texts, answers, image ids) and ``get_train_image_paths()`` maps image id -> PNG path.
 
-Use the train split for training and the test split for evaluation only.
+Splits here: ``"val"`` is a fixed tenth of the package's train images (400 images, chosen by image id with a seeded
+draw, so the same on every run and machine: :func:`validation_image_ids`), ``"train"`` the other 3,600 (so nothing
+trained on ``"train"`` ever sees a ``"val"`` image), and ``"test"`` the package's test split. Train on ``"train"``,
+make every choice (steps, checkpoint, mixture) on ``"val"``, and read ``"test"`` only for the final report.
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ from functools import lru_cache
 
 import easy_vqa
 
-from vlm_chat.datasets.shapes import COLORS, SHAPES, ImageRecord, write_records
+from vlm_chat.datasets.records import ImageRecord, write_records
+from vlm_chat.datasets.scenes import COLORS, SHAPES
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+#: Share of the package's train images held out as the validation split.
+VALIDATION_FRACTION = 0.1
+#: Seed of the validation draw (a string: ``random`` hashes it with SHA-512, the same on every platform).
+VALIDATION_DRAW_SEED = "easy-vqa/validation/0"
 #: Number of questions in the fixed quick-evaluation subset of the test split.
 QUICK_EVAL_SIZE = 1000
 QUICK_EVAL_SEED = 0
@@ -71,34 +79,55 @@ def answer_type(answer: str) -> str:
     raise ValueError(f"{answer!r} is not an easy-VQA answer; expected one of {answer_vocabulary()}")
 
 
-@lru_cache(maxsize=2)
-def _load(split: str) -> tuple[VQASample, ...]:
+@lru_cache(maxsize=1)
+def validation_image_ids() -> frozenset[int]:
+    """The image ids of the ``"val"`` split: :data:`VALIDATION_FRACTION` of the package's train images, drawn with
+    :data:`VALIDATION_DRAW_SEED` from the sorted ids (so the draw depends on the ids alone, not on file order)."""
+    ids = sorted(easy_vqa.get_train_image_paths())
+    return frozenset(random.Random(VALIDATION_DRAW_SEED).sample(ids, round(VALIDATION_FRACTION * len(ids))))
+
+
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    texts, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
-    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+
+
+def _in_split(split: str, image_id: int) -> bool:
+    """Whether an image id of the package's train (for "train"/"val") or test split belongs to ``split``."""
+    if split == "test":
+        return True
+    return (image_id in validation_image_ids()) == (split == "val")
+
+
+@lru_cache(maxsize=3)
+def _load(split: str) -> tuple[VQASample, ...]:
+    _check_split(split)
+    package_train = split != "test"
+    texts, answers, image_ids = easy_vqa.get_train_questions() if package_train else easy_vqa.get_test_questions()
+    paths = easy_vqa.get_train_image_paths() if package_train else easy_vqa.get_test_image_paths()
     samples = []
     for i, (q, a, image_id) in enumerate(zip(texts, answers, image_ids)):
         if image_id not in paths:
             raise ValueError(f"easy_vqa {split} question {i} ({q!r}) refers to image {image_id}, which has no PNG")
-        samples.append(VQASample(paths[image_id], q, a, image_id, answer_type(a)))
+        if _in_split(split, image_id):
+            samples.append(VQASample(paths[image_id], q, a, image_id, answer_type(a)))
     return tuple(samples)
 
 
 def load_split(split: str) -> list[VQASample]:
-    """All questions of ``split`` (``"train"`` or ``"test"``) in the package's order.
+    """All questions of ``split`` (``"train"``, ``"val"`` or ``"test"``) in the package's order.
 
     Returns:
-        A list of :class:`VQASample` (38,575 for train, 9,673 for test).
+        A list of :class:`VQASample` (34,726 train, 3,849 val, 9,673 test).
     """
     return list(_load(split))
 
 
 def image_paths(split: str) -> dict[int, str]:
-    """easy-VQA image id -> absolute PNG path for ``split`` (4,000 train / 1,000 test images)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return dict(easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths())
+    """easy-VQA image id -> absolute PNG path for ``split`` (3,600 train / 400 val / 1,000 test images)."""
+    _check_split(split)
+    paths = easy_vqa.get_train_image_paths() if split != "test" else easy_vqa.get_test_image_paths()
+    return {image_id: path for image_id, path in paths.items() if _in_split(split, image_id)}
 
 
 def group_by_image(samples: Iterable[VQASample]) -> dict[int, list[VQASample]]:
@@ -183,7 +212,7 @@ def derived_caption(color: str | None, shape: str | None) -> str | None:
 def derived_captions(samples: Iterable[VQASample]) -> dict[int, str]:
     """Caption per image built from its own questions and answers (images with nothing known are left out).
 
-    On the train split 3,578 of 4,000 images get colour and shape, 393 one of them, 29 none.
+    On the train split 3,217 of 3,600 images get colour and shape, 358 one of them, 25 none.
     """
     captions = {}
     for image_id, qs in group_by_image(samples).items():
@@ -202,7 +231,7 @@ ZERO_SHOT_TEMPLATE = "A {}."
 def labelled_images(split: str) -> list[tuple[str, str]]:
     """``(image path, "red circle")`` for every image of ``split`` whose questions determine colour and shape.
 
-    That is 3,578 of 4,000 train and 888 of 1,000 test images; the class names are :data:`CLASS_NAMES`.
+    That is 3,217 of 3,600 train, 361 of 400 val and 888 of 1,000 test images; the class names are :data:`CLASS_NAMES`.
     """
     out = []
     for qs in group_by_image(_load(split)).values():
@@ -255,8 +284,8 @@ def balance_yes_no(samples: Iterable[VQASample], seed: int = 0) -> list[VQASampl
     """Drop yes/no questions so that every question template answers "yes" as often as "no".
 
     easy-VQA's yes/no questions carry a strong language prior: an image has one of 8 colours, so "is there a red
-    shape?" is "no" 7 times in 8 and "is there not a red shape?" is "yes" 7 times in 8 (train split: 2,225 no / 331
-    yes for "does the image contain a C shape?"). A model trained on them learns to answer from the question's form
+    shape?" is "no" 7 times in 8 and "is there not a red shape?" is "yes" 7 times in 8 (the package's 4,000 train
+    images: 2,225 no / 331 yes for "does the image contain a C shape?"). A model trained on them learns to answer from the question's form
     and not from the image (VQA v2 was built balanced for the same reason). Per template
     (:func:`question_template`), all questions of the rarer answer are kept and as many of the commoner one, drawn
     with ``seed``; colour and shape questions are kept. The result keeps the input order.
@@ -266,7 +295,7 @@ def balance_yes_no(samples: Iterable[VQASample], seed: int = 0) -> list[VQASampl
         seed: Picks which questions of the commoner answer stay.
 
     Returns:
-        The kept questions (train split: 20,466 of 38,575; 10,298 of them yes/no, half "yes").
+        The kept questions (train split: 18,430 of 34,726; 9,312 of them yes/no, half "yes").
     """
     samples = list(samples)
     groups: dict[tuple[str, str], list[int]] = {}
@@ -288,7 +317,8 @@ def quick_eval_subset(n: int = QUICK_EVAL_SIZE, seed: int = QUICK_EVAL_SEED, spl
 
     The sample is drawn with ``random.Random(seed)`` over the package's question order, then put back in that order
     (so an image's questions stay together for batching). The default is the project's fixed 1,000-question subset
-    of the test split; ``split="train"`` draws the same way from the questions the models train on (a fit check:
+    of the test split; ``split="val"`` draws from the validation tenth (for choices made during development);
+    ``split="train"`` draws the same way from the questions the models train on (a fit check:
     how far train accuracy is from test accuracy tells under- from over-fitting).
     """
     questions = _load(split)
@@ -340,6 +370,8 @@ def write_easyvqa(
     """
     if split == "test":
         logger.warning("writing the easy-VQA TEST split: use it for evaluation only, never for training")
+    elif split == "val":
+        logger.warning("writing the easy-VQA VAL split: use it to choose among models, never for training")
     return write_records(out_dir, build_records(split, max_turns=max_turns, shuffle_seed=shuffle_seed, balance=balance))
 
 

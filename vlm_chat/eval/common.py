@@ -153,25 +153,42 @@ def generate_grouped(
     batch_size: int,
     desc: str,
     progress: bool,
+    share_prefix: bool = True,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Answer ``prompts`` about ``images`` in batches of questions grouped by image; results in input order.
 
     Grouping puts an image's questions into the same batch (the image is loaded once per batch and the same object is
-    passed for each of its questions), which is what lets a model share the work of the image prefix.
+    passed for each of its questions). With ``share_prefix`` a batch holds whole images where it can (an image with
+    more than ``batch_size`` questions is split) and goes to :func:`vlm_chat.prefix_cache.generate_shared_prefix`,
+    which runs each image's prompt prefix once for all its questions (same greedy answers, several times faster);
+    without it, batches are consecutive runs of ``batch_size`` questions sent to ``chat.generate_batch``.
+
+    Args:
+        chat: A ``VLMChat`` (or anything with ``generate_batch(images, prompts, **kw) -> list[str]``).
+        images: One image (path or PIL image) per prompt.
+        prompts: The prompts.
+        batch_size: Most questions per batch.
+        desc: Progress-bar label.
+        progress: Show a progress bar.
+        share_prefix: Share each image's prompt prefix (KV cache) across its questions.
+        **generate_kwargs: Generation keywords for every batch.
+
+    Returns:
+        One response per prompt, in input order.
     """
     from vlm_chat.images import load_image
+    from vlm_chat.prefix_cache import generate_shared_prefix
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     groups: dict[Any, list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(image_key(image), []).append(i)
-    order = [i for idx in groups.values() for i in idx]
+    chunks = _pack(list(groups.values()), batch_size) if share_prefix else _consecutive(groups, batch_size)
     responses: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="q")
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="q")
+    for chunk in chunks:
         loaded: dict[Any, Any] = {}
         batch_images = []
         for i in chunk:
@@ -182,7 +199,11 @@ def generate_grouped(
                 except (OSError, ValueError, TypeError) as e:
                     raise type(e)(f"sample {i}: cannot load image {images[i]!r}: {e}") from e
             batch_images.append(loaded[key])
-        outputs = chat.generate_batch(batch_images, [prompts[i] for i in chunk], **generate_kwargs)
+        batch_prompts = [prompts[i] for i in chunk]
+        if share_prefix:
+            outputs = generate_shared_prefix(chat, batch_images, batch_prompts, **generate_kwargs)
+        else:
+            outputs = chat.generate_batch(batch_images, batch_prompts, **generate_kwargs)
         if len(outputs) != len(chunk):
             raise RuntimeError(f"generate_batch returned {len(outputs)} texts for {len(chunk)} prompts")
         for i, text in zip(chunk, outputs):
@@ -190,3 +211,27 @@ def generate_grouped(
         bar.update(len(chunk))
     bar.close()
     return responses  # type: ignore[return-value]
+
+
+def _consecutive(groups: dict[Any, list[int]], batch_size: int) -> list[list[int]]:
+    order = [i for idx in groups.values() for i in idx]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _pack(groups: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Batches of whole groups, in order, each of at most ``batch_size`` items; a larger group is split."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for group in groups:
+        if len(current) + len(group) > batch_size and current:
+            chunks.append(current)
+            current = []
+        for start in range(0, len(group), batch_size):
+            part = group[start : start + batch_size]
+            if len(current) + len(part) > batch_size:
+                chunks.append(current)
+                current = []
+            current += part
+    if current:
+        chunks.append(current)
+    return chunks

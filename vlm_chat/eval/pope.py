@@ -63,7 +63,7 @@ def pope_metrics(responses: Sequence[str], labels: Sequence[str]) -> dict[str, f
 def evaluate_pope(
     chat: Any,
     samples: Sequence[Any],
-    batch_size: int = 16,
+    batch_size: int = 64,
     max_new_tokens: int = 4,
     prompt_template: str = "{question}",
     progress: bool = True,
@@ -75,7 +75,7 @@ def evaluate_pope(
         chat: A ``VLMChat``.
         samples: Mappings or objects with ``image``, ``question``, ``label`` (``"yes"``/``"no"``) and optionally
             ``category`` (``random``/``popular``/``adversarial``), e.g. the rows of a shapes-world ``pope.jsonl``.
-        batch_size: Questions per ``generate_batch`` call.
+        batch_size: Most questions per batch (whole images where they fit: see ``generate_grouped``).
         max_new_tokens: Generation length.
         prompt_template: Turns a question into the prompt.
         progress: Show a progress bar.

@@ -60,7 +60,7 @@ def vqa_scores(
 def evaluate_vqa(
     chat: Any,
     samples: Sequence[Any],
-    batch_size: int = 16,
+    batch_size: int = 64,
     max_new_tokens: int = 8,
     vocabulary: Iterable[str] | None = None,
     prompt_template: str = "{question}",
@@ -73,7 +73,7 @@ def evaluate_vqa(
         chat: A ``VLMChat`` (anything with ``generate_batch(images, prompts, **kw) -> list[str]``).
         samples: Mappings or objects with ``image`` (path or PIL image), ``question``, ``answer`` and optionally
             ``answer_type`` (e.g. :func:`vlm_chat.datasets.easyvqa.quick_eval_subset`).
-        batch_size: Questions per ``generate_batch`` call.
+        batch_size: Most questions per batch (whole images where they fit: see ``generate_grouped``).
         max_new_tokens: Generation length; answers are one or two words.
         vocabulary: Answer vocabulary; default: the set of the samples' answers (for easy-VQA, the 13 answers).
         prompt_template: Turns a question into the prompt (``"{question}"``: as is).
