@@ -25,6 +25,14 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     vqa = summary["results"]["dpo"]
     kinds = [k for k in vqa if k.startswith("vqa_") and k not in ("vqa_accuracy", "vqa_n")]
     assert kinds and all(0 <= vqa[k] <= 1 for k in kinds)  # per question type (shapes world: count, color, ...)
+    # Every shapes-world question type is reported for both models; the object recall/precision with the captions.
+    from vlm_chat.datasets import shapes
+
+    types = {qa.qtype for s in shapes.generate_scenes(3, seed=shapes.TEST_SEED, image_size=32) for qa in shapes.qa_pairs(s)}
+    for stage in ("instruct", "dpo"):
+        assert {f"shapes_{t}" for t in types} <= set(summary["results"][stage]), stage
+    assert {"shapes_caption_recall", "shapes_caption_precision"} <= set(vqa)
+    assert "shapes_caption_recall" not in summary["results"]["instruct"]
     for stage in ("contrastive", "pretrain", "instruct", "dpo"):
         assert (out / stage / "final").is_dir() and (out / stage / "train_log.jsonl").is_file()
     assert (out / "contrastive" / "final" / "model.safetensors").is_file()  # a standard CLIPModel directory

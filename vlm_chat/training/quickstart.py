@@ -37,7 +37,8 @@ TINY = {
     "pretrain": {"max_steps": 8, "per_device_train_batch_size": 8},
     "instruct": {"max_steps": 12, "per_device_train_batch_size": 4, "max_turns_per_sample": 4},
     "dpo": {"max_steps": 6, "per_device_train_batch_size": 4},
-    "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48},
+    "eval": {"vqa_questions": 24, "pope_questions": 12, "captions": 6, "image_size": 32, "zero_shot_images": 48,
+             "shapes_scenes": 3},
 }
 FULL = {
     # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/experiments/
@@ -49,7 +50,8 @@ FULL = {
     "pretrain": {},
     "instruct": {},
     "dpo": {},
-    "eval": {"vqa_questions": 1000, "pope_questions": 200, "captions": 50, "image_size": 64, "zero_shot_images": None},
+    "eval": {"vqa_questions": 1000, "pope_questions": 200, "captions": 50, "image_size": 64, "zero_shot_images": None,
+             "shapes_scenes": 30},
 }
 
 
@@ -112,10 +114,12 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
     train_dir, eval_dir = out / "data" / "shapes_train", out / "data" / "shapes_eval"
     if not (train_dir / "manifest.json").is_file():
         shapes.write_shapes_dataset(
-            train_dir, settings["shapes_images"], seed=1, image_size=settings["image_size"], pope_per_image=0
+            train_dir, settings["shapes_images"], seed=shapes.TRAIN_SEED, image_size=settings["image_size"], pope_per_image=0
         )
     if not (eval_dir / "manifest.json").is_file():  # another seed: scenes never seen in training
-        shapes.write_shapes_dataset(eval_dir, settings["shapes_eval_images"], seed=2, image_size=settings["image_size"])
+        shapes.write_shapes_dataset(
+            eval_dir, settings["shapes_eval_images"], seed=shapes.VALIDATION_SEED, image_size=settings["image_size"]
+        )
     paths = {
         "captions": [train_dir / "captions.jsonl"],
         "conversations": [train_dir / "conversations.json"],
@@ -182,7 +186,8 @@ def evaluate_stage0(encoder_dir: Path, data: dict[str, Path], settings: dict[str
 
 
 def evaluate(chat, data: dict[str, Path], settings: dict[str, Any], full: bool, captions: bool = True) -> dict[str, Any]:
-    """VQA and POPE accuracy, and caption BLEU-4/CIDEr unless ``captions`` is false (long generations: ~25 s)."""
+    """VQA, POPE and shapes-world accuracy per question type; caption BLEU-4/CIDEr and object recall/precision
+    unless ``captions`` is false (long generations)."""
     from vlm_chat import eval as evaluation
     from vlm_chat.datasets import shapes
 
@@ -204,10 +209,14 @@ def evaluate(chat, data: dict[str, Path], settings: dict[str, Any], full: bool, 
     p = evaluation.evaluate_pope(chat, pope[: settings["pope_questions"]], progress=False)
     results.update({f"pope_{k}": p["overall"][k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
     images = sorted((data["eval"] / "images").glob("*.png"))[: settings["captions"] if captions else 0]
-    scenes = shapes.generate_scenes(len(images), seed=2, image_size=settings["image_size"])
+    scenes = shapes.generate_scenes(len(images), seed=shapes.VALIDATION_SEED, image_size=settings["image_size"])
     items = [(img, shapes.reference_captions(s)) for img, s in zip(images, scenes)]
     c = evaluation.evaluate_captions(chat, items, progress=False) if items else {}
     results.update({k: c[k] for k in ("bleu4", "cider") if k in c})
+    # Every shapes-world question type on held-out scenes of the test seed (the report; choices use the validation
+    # seed), and the detailed captions' object recall/precision when captions are scored.
+    results.update(evaluation.shapes_results(chat, scenes=settings["shapes_scenes"], seed=shapes.TEST_SEED,
+                                             image_size=settings["image_size"], captions=captions))
     return results
 
 
