@@ -69,9 +69,9 @@ def _stage_args(stage: str, output_dir: Path, env: dict, **extra) -> list[str]:
     args = {
         "contrastive": {"train_file": shapes / "captions.jsonl", "learning_rate": 1e-3, **CONTRASTIVE_TINY},
         "pretrain": {"train_file": shapes / "captions.jsonl", "mapper_lr": 3e-3, **new_model},
-        "instruct": {"train_file": shapes / "conversations.json", "init_from": env["init"], "group_by_length": "true",
+        "instruct": {"train_file": shapes / "conversations.json", "init_from": env.get("init"), "group_by_length": "true",
                      "independent_turns": "true", "mapper_lr": 3e-3, "lora_lr": 3e-3},
-        "dpo": {"train_file": shapes / "preferences.jsonl", "init_from": env["init"], "lora_lr": 3e-3,
+        "dpo": {"train_file": shapes / "preferences.jsonl", "init_from": env.get("init"), "lora_lr": 3e-3,
                 "mapper_lr": 1e-3, "group_by_length": "true"},
         "instruct-qlora": {"train_file": shapes / "conversations.json", "mapper_lr": 3e-3, "lora_lr": 3e-3,
                            **new_model, "model.lm.name_or_path": env.get("lm4bit"), "model.lm.load_in_4bit": "true"},
