@@ -398,24 +398,31 @@ class SignalAt(LossFn):
     """MSE whose loss call number ``at`` first delivers ``signum`` to this process (``times`` times), as ``kill``
     would while the step runs."""
 
-    def __init__(self, signum, at, times=1):
+    def __init__(self, signum, at, times=1, group=False):
         super().__init__()
-        self.signum, self.at, self.times = signum, at, times
+        self.signum, self.at, self.times, self.group = signum, at, times, group
 
     def __call__(self, model, batch):
+        import multiprocessing
         import os
 
         if self.calls + 1 == self.at:
+            # group: also the DataLoader workers, as a scheduler or Ctrl-C signals the whole process group
+            pids = [os.getpid(), *([c.pid for c in multiprocessing.active_children()] if self.group else [])]
+            assert len(pids) > 1 or not self.group, "no DataLoader worker to signal"
             for _ in range(self.times):
-                os.kill(os.getpid(), self.signum)
+                for pid in pids:
+                    os.kill(pid, self.signum)
         return super().__call__(model, batch)
 
 
-@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, signame, code):
+@pytest.mark.parametrize("signame, code, workers", [("SIGTERM", 143, 0), ("SIGINT", 130, 0), ("SIGTERM", 143, 1)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-dataloader-worker-too"])
+def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, signame, code, workers):
     """SIGTERM/SIGINT in the first micro-batch of step 3 (accumulation 2): the step still completes, a checkpoint
     step-3 is written, TrainingInterrupted (a SystemExit with the shell's code) is raised; the handlers are put back;
-    a resume ends with the weights and losses of a run that was never interrupted."""
+    a resume ends with the weights and losses of a run that was never interrupted. A DataLoader worker that gets the
+    signal too (a process-group signal) ignores it, so the step it is loading for still completes."""
     import signal
 
     from vlm_chat.training.engine import TrainingInterrupted
@@ -427,8 +434,8 @@ def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, sig
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     stopped = Model(dropout=0.2)
     with pytest.raises(TrainingInterrupted, match=rf"stopped by {signame} after step 3; checkpoint .*step-3") as info:
-        train(stopped, _dataset(), _collate, SignalAt(getattr(signal, signame), at=2 * 2 + 1),
-              _cfg(tmp_path / "b", **cfg))
+        train(stopped, _dataset(), _collate, SignalAt(getattr(signal, signame), at=2 * 2 + 1, group=bool(workers)),
+              _cfg(tmp_path / "b", dataloader_num_workers=workers, **cfg))
     assert info.value.code == code and info.value.step == 3 and info.value.checkpoint.name == "step-3"
     assert {s: signal.getsignal(s) for s in before} == before
     assert find_latest_checkpoint(tmp_path / "b").name == "step-3"

@@ -65,16 +65,8 @@ from vlm_chat.training.sampler import EpochSampler, mix_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "EpochSampler",
-    "NonFiniteLossError",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingInterrupted",
-    "atomic_directory",
-    "find_latest_checkpoint",
-    "train",
-]
+__all__ = ["EpochSampler", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted",
+           "atomic_directory", "find_latest_checkpoint", "train"]
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -239,8 +231,10 @@ class _Run:
             raise ValueError("group_by_length needs the samples' lengths; this stage does not provide them")
         self.sampler = EpochSampler(len(dataset), cfg.seed, self.samples_per_step,
                                     lengths=lengths if cfg.group_by_length else None)
+        # Workers ignore SIGTERM/SIGINT (a scheduler signals the whole process group): this process stops them.
         loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size, sampler=self.sampler,
-                            collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers)
+                            collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers,
+                            worker_init_fn=StopOnSignal.ignore_in_worker)
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
         # DeepSpeed and FSDP shard and save their own state; elsewhere only trainable weights go into checkpoints.
         self.plain = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)

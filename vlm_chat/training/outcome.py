@@ -77,6 +77,13 @@ class StopOnSignal:
             signal.signal(sig, previous)
         self._previous, self.installed = {}, False
 
+    @staticmethod
+    def ignore_in_worker(worker_id: int) -> None:
+        """DataLoader ``worker_init_fn``: a worker ignores the stop signals, so a signal sent to the whole process
+        group (Ctrl-C, a scheduler) reaches the training loop without killing the batch it waits for."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is None:
