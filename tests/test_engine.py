@@ -416,9 +416,21 @@ class SignalAt(LossFn):
         return super().__call__(model, batch)
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test: a job started in the background (``cmd &``) inherits SIGINT ignored,
+    and the engine leaves an ignored signal ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signame, code, workers", [("SIGTERM", 143, 0), ("SIGINT", 130, 0), ("SIGTERM", 143, 1)],
                          ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-dataloader-worker-too"])
-def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, signame, code, workers):
+def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, signame, code, workers,
+                                                                   python_sigint):
     """SIGTERM/SIGINT in the first micro-batch of step 3 (accumulation 2): the step still completes, a checkpoint
     step-3 is written, TrainingInterrupted (a SystemExit with the shell's code) is raised; the handlers are put back;
     a resume ends with the weights and losses of a run that was never interrupted. A DataLoader worker that gets the
@@ -450,7 +462,7 @@ def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, sig
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
-def test_a_second_signal_aborts_without_waiting_for_the_step(tmp_path):
+def test_a_second_signal_aborts_without_waiting_for_the_step(tmp_path, python_sigint):
     import signal
 
     with pytest.raises(KeyboardInterrupt):  # the previous SIGINT handler (Python's) came back and got the signal
@@ -562,3 +574,16 @@ def test_resume_refuses_another_data_order(tmp_path, change, message):
     with pytest.raises(ConfigError, match=rf"cannot resume exactly from .*step-2.*{message}"):
         train(Model(), data, _collate, LossFn(), _cfg(tmp_path, resume_from_checkpoint="latest", **cfg),
               dataset_fingerprint=fingerprint)
+
+
+def test_an_ignored_stop_signal_stays_ignored(tmp_path):
+    """``nohup``/``cmd &`` runs with SIGINT ignored: the engine does not start honouring it (the run finishes)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(Model(), _dataset(), _collate, SignalAt(signal.SIGINT, at=3), _cfg(tmp_path))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.global_step == 6 and (tmp_path / "checkpoints" / "step-6").is_dir()

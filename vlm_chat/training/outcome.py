@@ -65,8 +65,10 @@ class StopOnSignal:
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
-            self.installed = True
+            # A signal the process was told to ignore (SIGINT of a background job, `nohup`) stays ignored.
+            wanted = [s for s in self.signals if signal.getsignal(s) is not signal.SIG_IGN]
+            self._previous = {s: signal.signal(s, self._handle) for s in wanted}
+            self.installed = bool(wanted)
         return self
 
     def __exit__(self, *exc) -> None:
