@@ -459,10 +459,11 @@ class _Run:
         cfg = self.cfg
         due = bool(cfg.save_steps) and self.global_step % cfg.save_steps == 0
         timed = cfg.save_every_minutes > 0 and time.monotonic() - self.last_save_time >= 60 * cfg.save_every_minutes
-        flags = torch.tensor([float(timed), float(self.stop.received or 0)], device=self.accelerator.device)
+        received = self.stop.received or 0
         if self.world > 1:  # a signal or a clock may reach one rank first: the largest flag wins everywhere
+            flags = torch.tensor([float(timed), float(received)], device=self.accelerator.device)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)  # accelerate's reduce has no max
-        timed, received = bool(flags[0].item()), int(flags[1].item())
+            timed, received = bool(flags[0].item()), int(flags[1].item())
         if due or timed or received:
             self.save_checkpoint()
         if received:
