@@ -389,3 +389,201 @@ def test_samples_in_run_are_exactly_the_samples_training_draws(tmp_path, max_ste
     train(Model(), data, collate, LossFn(), _cfg(tmp_path, max_steps=max_steps, seed=3))
     trained = drawn[: 4 * max_steps]  # accelerate also prefetches the batch after the last step
     assert sorted(set(trained)) == samples_in_run(30, seed=3, samples_per_step=4, max_steps=max_steps)
+
+
+# ------------------------------------------------------------------------------------------ signals, clocks, refusals
+
+
+class SignalAt(LossFn):
+    """MSE whose loss call number ``at`` first delivers ``signum`` to this process (``times`` times), as ``kill``
+    would while the step runs."""
+
+    def __init__(self, signum, at, times=1, group=False):
+        super().__init__()
+        self.signum, self.at, self.times, self.group = signum, at, times, group
+
+    def __call__(self, model, batch):
+        import multiprocessing
+        import os
+
+        if self.calls + 1 == self.at:
+            # group: also the DataLoader workers, as a scheduler or Ctrl-C signals the whole process group
+            pids = [os.getpid(), *([c.pid for c in multiprocessing.active_children()] if self.group else [])]
+            assert len(pids) > 1 or not self.group, "no DataLoader worker to signal"
+            for _ in range(self.times):
+                for pid in pids:
+                    os.kill(pid, self.signum)
+        return super().__call__(model, batch)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test: a job started in the background (``cmd &``) inherits SIGINT ignored,
+    and the engine leaves an ignored signal ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("signame, code, workers", [("SIGTERM", 143, 0), ("SIGINT", 130, 0), ("SIGTERM", 143, 1)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-dataloader-worker-too"])
+def test_a_stop_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, signame, code, workers,
+                                                                   python_sigint):
+    """SIGTERM/SIGINT in the first micro-batch of step 3 (accumulation 2): the step still completes, a checkpoint
+    step-3 is written, TrainingInterrupted (a SystemExit with the shell's code) is raised; the handlers are put back;
+    a resume ends with the weights and losses of a run that was never interrupted. A DataLoader worker that gets the
+    signal too (a process-group signal) ignores it, so the step it is loading for still completes."""
+    import signal
+
+    from vlm_chat.training.engine import TrainingInterrupted
+
+    cfg = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=0, lr_scheduler_type="cosine", warmup_steps=2)
+    straight = Model(dropout=0.2)
+    expected = [h["loss"] for h in train(straight, _dataset(), _collate, LossFn(), _cfg(tmp_path / "a", **cfg)).history]
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopped = Model(dropout=0.2)
+    with pytest.raises(TrainingInterrupted, match=rf"stopped by {signame} after step 3; checkpoint .*step-3") as info:
+        train(stopped, _dataset(), _collate, SignalAt(getattr(signal, signame), at=2 * 2 + 1, group=bool(workers)),
+              _cfg(tmp_path / "b", dataloader_num_workers=workers, **cfg))
+    assert info.value.code == code and info.value.step == 3 and info.value.checkpoint.name == "step-3"
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert find_latest_checkpoint(tmp_path / "b").name == "step-3"
+    assert not (tmp_path / "b" / "final").exists()
+
+    resumed = Model(dropout=0.2)
+    cfg_b = _cfg(tmp_path / "b", resume_from_checkpoint="latest", **cfg)
+    result = train(resumed, _dataset(), _collate, LossFn(), cfg_b)
+    assert result.resumed_from.name == "step-3"
+    assert _log_losses(tmp_path / "b") == expected
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_second_signal_aborts_without_waiting_for_the_step(tmp_path, python_sigint):
+    import signal
+
+    with pytest.raises(KeyboardInterrupt):  # the previous SIGINT handler (Python's) came back and got the signal
+        train(Model(), _dataset(), _collate, SignalAt(signal.SIGINT, at=4, times=2), _cfg(tmp_path, save_steps=2))
+    assert find_latest_checkpoint(tmp_path).name == "step-2"  # the last complete checkpoint, none for step 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_save_every_minutes_checkpoints_at_step_boundaries_and_resume_is_exact(tmp_path, monkeypatch):
+    """A clock where every loss call takes one minute: with save_every_minutes 2.5 and no save_steps the checkpoints
+    fall at steps 3 and 6 (then the end, 8); resuming from the time-based step-3 checkpoint is exact."""
+    import types
+
+    import vlm_chat.training.engine as engine
+
+    minutes = [0.0]
+
+    class Slow(LossFn):
+        def __call__(self, model, batch):
+            minutes[0] += 1
+            return super().__call__(model, batch)
+
+    fake_time = types.SimpleNamespace(monotonic=lambda: 60 * minutes[0], perf_counter=engine.time.perf_counter)
+    monkeypatch.setattr(engine, "time", fake_time)
+    cfg = dict(max_steps=8, save_steps=0, save_every_minutes=2.5, save_total_limit=0)
+    timed = Model()
+    expected = [h["loss"] for h in train(timed, _dataset(), _collate, Slow(), _cfg(tmp_path / "a", **cfg)).history]
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert steps == [3, 6, 8]
+
+    resumed = Model()
+    cfg_b = _cfg(tmp_path / "a", resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "step-3"), **cfg)
+    result = train(resumed, _dataset(), _collate, Slow(), cfg_b)
+    assert [h["loss"] for h in result.history] == expected[3:]
+    for key, value in timed.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_an_inf_loss_stops_the_run_like_a_nan(tmp_path):
+    class InfAt(LossFn):
+        def __call__(self, model, batch):
+            loss, metrics = super().__call__(model, batch)
+            return (loss * float("inf") if self.calls == 5 else loss), metrics
+
+    model = Model()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(inf\) at step 5 .*last good checkpoint: .*step-4"):
+        train(model, _dataset(), _collate, InfAt(), _cfg(tmp_path, save_steps=2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(_log_losses(tmp_path)) == 4
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss whose gradient overflowed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipping", "no-clipping"])
+def test_a_non_finite_gradient_norm_stops_the_run_before_the_update(tmp_path, max_grad_norm):
+    """Loss finite, gradient inf at step 5: the run stops naming the gradient norm and step 5, with or without
+    clipping, and the weights are those of step 4 (the step-4 checkpoint's)."""
+    from safetensors.torch import load_file
+
+    class InfGradAt(LossFn):
+        def __call__(self, model, batch):
+            self.calls += 1
+            out = model(batch["x"])
+            if self.calls == 5:
+                out = _InfGrad.apply(out)
+            return ((out - batch["y"]) ** 2).mean(), {}
+
+    model = Model()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \((inf|nan)\) at step 5 .*step-4"):
+        train(model, _dataset(), _collate, InfGradAt(), _cfg(tmp_path, save_steps=2, max_grad_norm=max_grad_norm))
+    saved = load_file(str(tmp_path / "checkpoints" / "step-4" / "accelerate" / "model.safetensors"))
+    for key, value in saved.items():
+        assert torch.equal(model.state_dict()[key], value), key  # the update of step 5 never happened
+
+
+@pytest.mark.parametrize("change, message", [
+    ("seed", "seed: checkpoint 0 vs now 1"),
+    ("accumulation", "gradient_accumulation_steps: checkpoint 1 vs now 2"),
+    ("processes", "num_processes: checkpoint 2 vs now 1"),
+    ("dataset-size", "dataset_size: checkpoint 32 vs now 40"),
+    ("dataset-rows", "dataset_fingerprint: checkpoint aaaa vs now bbbb"),
+])  # fmt: skip
+def test_resume_refuses_another_data_order(tmp_path, change, message):
+    """Each key that fixes the data order, changed between the checkpointed run and the resume, is refused by name.
+    (A checkpoint from 2 processes is made by editing its state file: the test runs one process.)"""
+    train(Model(), _dataset(), _collate, LossFn(), _cfg(tmp_path, max_steps=2), dataset_fingerprint="aaaa")
+    cfg, data, fingerprint = {}, _dataset(), "aaaa"
+    if change == "seed":
+        cfg = {"seed": 1}
+    elif change == "accumulation":
+        cfg = {"gradient_accumulation_steps": 2}
+    elif change == "processes":
+        state_file = find_latest_checkpoint(tmp_path) / "trainer_state.json"
+        state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "num_processes": 2}))
+    elif change == "dataset-size":
+        data = _dataset(40)
+    else:
+        fingerprint = "bbbb"  # the same number of rows, other rows
+    with pytest.raises(ConfigError, match=rf"cannot resume exactly from .*step-2.*{message}"):
+        train(Model(), data, _collate, LossFn(), _cfg(tmp_path, resume_from_checkpoint="latest", **cfg),
+              dataset_fingerprint=fingerprint)
+
+
+def test_an_ignored_stop_signal_stays_ignored(tmp_path):
+    """``nohup``/``cmd &`` runs with SIGINT ignored: the engine does not start honouring it (the run finishes)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(Model(), _dataset(), _collate, SignalAt(signal.SIGINT, at=3), _cfg(tmp_path))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.global_step == 6 and (tmp_path / "checkpoints" / "step-6").is_dir()

@@ -16,17 +16,20 @@ stored keys are checked against the model's trainable parameters.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOG_FILE", "STATE_FILE", "find_latest_checkpoint"]
+__all__ = ["LOG_FILE", "STATE_FILE", "check_signature", "find_latest_checkpoint", "rows_fingerprint"]
 
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
@@ -67,6 +70,44 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
             f"checkpoints look like {output_dir / 'checkpoints' / 'step-N'}, or pass 'latest'"
         )
     return path
+
+
+def rows_fingerprint(rows: Iterable[Any]) -> str:
+    """A digest of the training rows as the stage read them (paths, texts, ids), for the resume check.
+
+    Image *files* are not read: a checkpoint resumed over other rows is refused, the same rows over edited images are
+    not detected.
+    """
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=_stable_text).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _stable_text(value: Any) -> str:
+    """JSON fallback for encoded images (bytes) and the like: their content, never an object address."""
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha256(value).hexdigest()
+    if hasattr(value, "tobytes"):  # a decoded image or an array
+        return hashlib.sha256(value.tobytes()).hexdigest()
+    return str(value)
+
+
+def check_signature(resume_dir: Path, state: Mapping[str, Any], signature: Mapping[str, Any]) -> None:
+    """Refuse to resume when what fixes the data order (seed, batch layout, process count, the rows) changed.
+
+    Raises:
+        ConfigError: naming each key that differs, with the checkpoint's value and the current one.
+    """
+    from vlm_chat.training.train_config import ConfigError
+
+    # A checkpoint written before fingerprints existed has none: its rows are checked by count only.
+    changed = {k: (state.get(k), v) for k, v in signature.items()
+               if state.get(k) != v and not (k == "dataset_fingerprint" and k not in state)}
+    if changed:
+        details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
+        raise ConfigError(f"cannot resume exactly from {resume_dir}: the data order would differ ({details})")
 
 
 def _trainable_keys(model: torch.nn.Module) -> set[str]:

@@ -42,6 +42,7 @@ from torch import nn
 
 from vlm_chat.losses import caption_keys, clip_loss, contrastive_accuracy, siglip_loss, triplet_loss
 from vlm_chat.training.args import CaptionDataArgs, ConfigError, TrainConfig, config_to_dict, parse_config, save_config
+from vlm_chat.training.checkpoints import rows_fingerprint
 from vlm_chat.training.encoders import ContrastiveArgs, build_model, build_word_tokenizer
 from vlm_chat.training.engine import TrainResult, train
 
@@ -318,6 +319,7 @@ def run_contrastive(config: ContrastiveConfig) -> ContrastiveResult:
         cfg,
         on_save=on_save,
         gradient_checkpointing_fn=enable_gradient_checkpointing,
+        dataset_fingerprint=rows_fingerprint(zip(rows["image"], rows["caption"])),
     )
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     return ContrastiveResult(**fields, model_type=model_type, model=model, processor=processor)

@@ -11,8 +11,11 @@ Why not ``transformers.Trainer``? We need guarantees that are awkward to bolt on
 * **atomic checkpoints** (:meth:`_Run.save_checkpoint`) - everything goes to a temporary directory in the same
   parent, is fsynced, and appears under its final name at once (:func:`vlm_chat.atomic.publish`); a crash mid-save
   leaves the previous checkpoint loadable, and ``resume_from_checkpoint: latest`` only considers complete ones;
-* **NaN/inf stops the run** (:meth:`_Run.check_finite`) - a non-finite loss (or gradient norm) raises
-  :class:`NonFiniteLossError` naming the step before any weight is touched; the last good checkpoint stays on disk;
+* **NaN/inf stops the run** (:meth:`_Run.check_finite`) - a non-finite loss or gradient norm (computed every step,
+  clipping or not) raises :class:`NonFiniteLossError` naming the step before any weight is touched;
+* **checkpoints between optimizer steps only** (:meth:`_Run.step_end`), so resuming from any is exact: every
+  ``save_steps``, every ``save_every_minutes``, at the end, and on SIGTERM/SIGINT (finish the step, save, raise
+  :class:`TrainingInterrupted`: exit status 128 + signal; :mod:`vlm_chat.training.outcome`);
 * **parameter groups** with their own learning rates (mapper vs LoRA), overridable from the config;
 * **one loop for all stages**: a stage supplies a model, a dataset, a collate function and
   ``loss_fn(model, batch) -> (loss, metrics)``; stage 3 (DPO) runs policy and reference inside its ``loss_fn``.
@@ -32,7 +35,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlm_chat.atomic import atomic_directory, publish
-from vlm_chat.training.args import ConfigError, TrainConfig, config_to_dict
+from vlm_chat.training.args import TrainConfig, config_to_dict
 from vlm_chat.training.checkpoints import (
     LOG_FILE,
     STATE_FILE,
     check_saved_weights,
+    check_signature,
     complete_checkpoints,
     find_latest_checkpoint,
     only_trainable,
@@ -57,48 +60,15 @@ from vlm_chat.training.checkpoints import (
     truncate_log,
 )
 from vlm_chat.training.optim import build_optimizer
+from vlm_chat.training.outcome import NonFiniteLossError, StopOnSignal, TrainingInterrupted, TrainResult
 from vlm_chat.training.sampler import EpochSampler, mix_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "EpochSampler",
-    "NonFiniteLossError",
-    "TrainConfig",
-    "TrainResult",
-    "atomic_directory",
-    "find_latest_checkpoint",
-    "train",
-]
+__all__ = ["EpochSampler", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted",
+           "atomic_directory", "find_latest_checkpoint", "train"]
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; the run stopped before updating the weights."""
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns.
-
-    Attributes:
-        global_step: optimizer steps done (this call and any resumed run before it).
-        max_steps: the run's total.
-        history: one record per step run in this call (``step``, ``epoch``, ``loss``, ``lr/<group>``, metrics).
-        last_checkpoint: the newest checkpoint (``output_dir/checkpoints/step-N``).
-        final_dir: ``output_dir/final`` (``on_save``'s output), or None without ``on_save``.
-        resumed_from: the checkpoint this call resumed from, or None.
-        output_dir: the run directory.
-    """
-
-    global_step: int
-    max_steps: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    last_checkpoint: Path | None = None
-    final_dir: Path | None = None
-    resumed_from: Path | None = None
-    output_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,6 +115,7 @@ def train(
     on_save: Callable[[Path], None] | None = None,
     gradient_checkpointing_fn: Callable[[torch.nn.Module], None] | None = None,
     lengths: Sequence[int] | None = None,
+    dataset_fingerprint: str | None = None,
 ) -> TrainResult:
     """Train ``model`` with ``loss_fn`` on ``train_dataset`` following ``cfg``.
 
@@ -168,6 +139,8 @@ def train(
         gradient_checkpointing_fn: enables gradient checkpointing on ``model`` when
             ``cfg.gradient_checkpointing``; default ``model.gradient_checkpointing_enable()``.
         lengths: a length proxy per sample; with ``cfg.group_by_length`` batches hold samples of similar length.
+        dataset_fingerprint: a digest of the training rows (:func:`~vlm_chat.training.checkpoints.rows_fingerprint`);
+            a resume with other rows (same count or not) is refused.
 
     Returns:
         A :class:`TrainResult`.
@@ -175,6 +148,8 @@ def train(
     Raises:
         NonFiniteLossError: the loss or gradient norm became NaN/inf (the message names the step and the
             last good checkpoint).
+        TrainingInterrupted: SIGTERM/SIGINT arrived; the step finished and a checkpoint was saved (a ``SystemExit``
+            with code 128 + signal number).
         ValueError / ConfigError: inconsistent settings, e.g. a dataset smaller than one optimizer step or a
             resume checkpoint from a run with another batch layout.
     """
@@ -207,7 +182,7 @@ def train(
                 "launch with `accelerate launch` (see docs/training.md)"
             )
         run = _Run(accelerator, model, train_dataset, collate_fn, loss_fn, cfg, param_groups, eval_fn, on_save,
-                   gradient_checkpointing_fn, lengths)
+                   gradient_checkpointing_fn, lengths, dataset_fingerprint)
         return run.run()
     finally:
         accelerator.end_training()
@@ -222,7 +197,7 @@ class _Run:
     """One call of :func:`train`: the prepared objects, the schedule, and where the run is."""
 
     def __init__(self, accelerator: Accelerator, model, dataset, collate_fn, loss_fn: LossFn, cfg: TrainConfig,
-                 param_groups, eval_fn, on_save, gradient_checkpointing_fn, lengths):
+                 param_groups, eval_fn, on_save, gradient_checkpointing_fn, lengths, dataset_fingerprint=None):
         self.accelerator, self.cfg, self.loss_fn, self.eval_fn, self.on_save = accelerator, cfg, loss_fn, eval_fn, on_save
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
@@ -256,8 +231,10 @@ class _Run:
             raise ValueError("group_by_length needs the samples' lengths; this stage does not provide them")
         self.sampler = EpochSampler(len(dataset), cfg.seed, self.samples_per_step,
                                     lengths=lengths if cfg.group_by_length else None)
+        # Workers ignore SIGTERM/SIGINT (a scheduler signals the whole process group): this process stops them.
         loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size, sampler=self.sampler,
-                            collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers)
+                            collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers,
+                            worker_init_fn=StopOnSignal.ignore_in_worker)
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
         # DeepSpeed and FSDP shard and save their own state; elsewhere only trainable weights go into checkpoints.
         self.plain = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
@@ -273,6 +250,10 @@ class _Run:
             "num_processes": self.world,
             "dataset_size": len(dataset),
         }
+        if dataset_fingerprint is not None:
+            self.signature["dataset_fingerprint"] = dataset_fingerprint
+        self.stop = StopOnSignal()
+        self.last_save_time = time.monotonic()
         self.global_step = 0
         self.resumed_from: Path | None = None
         self.last_checkpoint: Path | None = None
@@ -286,10 +267,7 @@ class _Run:
         if resume_dir is None:
             return
         state = json.loads((resume_dir / STATE_FILE).read_text())
-        changed = {k: (state.get(k), v) for k, v in self.signature.items() if state.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
-            raise ConfigError(f"cannot resume exactly from {resume_dir}: the data order would differ ({details})")
+        check_signature(resume_dir, state, self.signature)
         if self.plain:
             check_saved_weights(self.model, resume_dir / "accelerate")
             self.accelerator.load_state(str(resume_dir / "accelerate"), strict=False)  # frozen weights: not saved
@@ -334,7 +312,7 @@ class _Run:
                     shutil.rmtree(old, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
-        self.last_checkpoint = final
+        self.last_checkpoint, self.last_save_time = final, time.monotonic()
         return final
 
     # ------------------------------------------------------------------------------------------ pieces of a step
@@ -342,7 +320,7 @@ class _Run:
         """Forward + backward of one micro-batch; on the last micro-batch of a step, clip and update.
 
         Returns:
-            ``(loss, metrics, grad_norm)``; ``grad_norm`` is None except on an optimizer step with clipping.
+            ``(loss, metrics, grad_norm)``; ``grad_norm`` is None except on the last micro-batch of a step.
         """
         cfg, accelerator = self.cfg, self.accelerator
         # Exact resume: the randomness of this micro-batch depends only on where it is in the run.
@@ -354,10 +332,11 @@ class _Run:
             self.check_finite(loss, "loss")
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                if cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                    if cfg.mixed_precision != "fp16":  # fp16's scaler skips overflowing steps by design
-                        self.check_finite(grad_norm, "gradient norm")
+                # The norm is computed even without clipping (max norm inf: the gradients are multiplied by 1.0,
+                # exactly), so a non-finite gradient stops the run whatever max_grad_norm says.
+                grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm or math.inf)
+                if grad_norm is not None and cfg.mixed_precision != "fp16":  # fp16's scaler skips overflows
+                    self.check_finite(grad_norm, "gradient norm")
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -438,13 +417,14 @@ class _Run:
                         disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process)
         log_fh = open(log_path, "a", encoding="utf-8") if self.is_main else None
         self.model.train()
-        try:
-            self._loop(log_fh, progress)
-        finally:
-            progress.close()
-            if log_fh is not None:
-                log_fh.close()
-        return self._finish()
+        with self.stop:
+            try:
+                self._loop(log_fh, progress)
+            finally:
+                progress.close()
+                if log_fh is not None:
+                    log_fh.close()
+            return self._finish()
 
     def _loop(self, log_fh, progress) -> None:
         cfg = self.cfg
@@ -468,11 +448,28 @@ class _Run:
                 losses, metrics, start = [], [], time.perf_counter()
                 if self.eval_fn is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0:
                     self.history[-1].update(self.evaluate())
-                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < self.max_steps:
-                    self.save_checkpoint()
                 if self.global_step >= self.max_steps:
                     return
+                self.step_end()
             epoch += 1
+
+    def step_end(self) -> None:
+        """Between two optimizer steps: checkpoint when ``save_steps`` or ``save_every_minutes`` says so, and stop
+        (after a checkpoint) when a signal arrived. Every process takes the same decision."""
+        cfg = self.cfg
+        due = bool(cfg.save_steps) and self.global_step % cfg.save_steps == 0
+        timed = cfg.save_every_minutes > 0 and time.monotonic() - self.last_save_time >= 60 * cfg.save_every_minutes
+        received = self.stop.received or 0
+        if self.world > 1:  # a signal or a clock may reach one rank first: the largest flag wins everywhere
+            flags = torch.tensor([float(timed), float(received)], device=self.accelerator.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)  # accelerate's reduce has no max
+            timed, received = bool(flags[0].item()), int(flags[1].item())
+        if due or timed or received:
+            self.save_checkpoint()
+        if received:
+            stop = TrainingInterrupted(received, self.global_step, self.last_checkpoint)
+            (logger.warning if self.is_main else logger.debug)("%s (exit status %d)", stop, stop.code)
+            raise stop
 
     def _finish(self) -> TrainResult:
         """The final evaluation, the last checkpoint and ``final/`` (atomic), then the result."""

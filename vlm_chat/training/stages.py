@@ -41,6 +41,7 @@ from vlm_chat.config import VLMConfig
 from vlm_chat.losses import dpo_loss
 from vlm_chat.training.args import ConfigError, TrainConfig, parse_config, save_config
 from vlm_chat.training.batches import Collator, FeatureCache
+from vlm_chat.training.checkpoints import rows_fingerprint
 from vlm_chat.training.engine import LossFn, TrainResult, train
 from vlm_chat.training.sampler import samples_in_run
 
@@ -386,6 +387,7 @@ def run_stage(config: StageConfig) -> TrainResult:
         on_save=on_save,
         gradient_checkpointing_fn=_gradient_checkpointing,
         lengths=lengths,
+        dataset_fingerprint=rows_fingerprint(rows),
     )
 
 

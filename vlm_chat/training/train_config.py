@@ -68,6 +68,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     logging_steps: int = field(default=10, metadata={"help": "Log averaged metrics every N steps."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps; 0 = only at the end."})
+    save_every_minutes: float = field(
+        default=0.0,
+        metadata={"help": "Also checkpoint at the first step boundary after this many minutes since the last "
+                          "checkpoint (0: off); still between steps, so resuming stays exact."},
+    )
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints; 0 = keep all."})
     eval_steps: int = field(default=0, metadata={"help": "Run the stage's evaluation every N steps; 0 = at end."})
     resume_from_checkpoint: str | None = field(
@@ -92,7 +97,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
-        for name in non_negative + ("weight_decay", "max_grad_norm", "warmup_ratio"):
+        for name in non_negative + ("weight_decay", "max_grad_norm", "warmup_ratio", "save_every_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
