@@ -19,8 +19,6 @@ import datetime
 import json
 import logging
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,13 +31,44 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from bench.flops import LMShape, lm_train_flops, mapper_train_flops, vit_forward_flops
+from bench.common import (  # noqa: F401 - re-exported: the reproductions and tests use bench.run's kit
+    DEMO_TOWER,
+    _status_mb,
+    auto_threads,
+    best,
+    build_demo_tower,
+    ensure_lm_converted,
+    llava_step_flops,
+    make_optimizer,
+    matmul_fn,
+    paired,
+    peak_rss_mb,
+    ratio,
+    reset_peak_rss,
+    round_ratio,
+    rss_mb,
+    step_batches,
+    sync,
+    tibest,
+    to_device,
+    train_step,
+    trainable,
+    vlm_step_flops,
+    vqa_groups,
+)
 from bench.llava_ref import build_llava
+from bench.report import (  # noqa: F401 - re-exported
+    TARGETS,
+    args_batch,
+    cpu_model,
+    fmt,
+    report,
+    table,
+    verdict,
+)
 from vlm_chat import VLMChat
-from vlm_chat.datasets import easyvqa
 from vlm_chat.images import load_image
-from vlm_chat.offline import SMOLLM2_ALIAS, cache_dir
-from vlm_chat.prompting import IGNORE_INDEX
+from vlm_chat.offline import SMOLLM2_ALIAS
 from vlm_chat.training.stages import Collator, FeatureCache
 
 logger = logging.getLogger("bench")
@@ -47,17 +76,10 @@ logger = logging.getLogger("bench")
 #: The keys of the last output line, in order.
 KEYS = ("step_ratio_vs_llm", "sample_speedup_vs_hf_llava", "decode_ratio_vs_llm", "ttft_ms", "peak_rss_mb_train",
         "peak_rss_mb_infer", "gflops_train", "matmul_gflops")
-#: The tower the benchmark builds unless given --vision: a random-init CLIP vision encoder for easy-VQA's 64-pixel
-#: images (8-pixel patches -> 64 patch tokens + CLS), twice as wide as the shipped demo's (hidden 128). Speed does not
-#: depend on its weights; keeping it fixed keeps runs comparable with the measured ones in docs/benchmarks.md.
-DEMO_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8}
 SWEEP_BATCHES = (1, 2, 4, 8)
 #: Configurations of the memory sweep -> LMConfig overrides. "lora, dropout 0" shows what PEFT's per-projection
 #: dropout costs: it draws a fresh mask and keeps a dropped copy of the input for each of the 7 adapted projections.
 MEMORY_KINDS = {"lora": {}, "qlora": {"load_in_4bit": True}, "lora-dropout0": {"lora_dropout": 0.0}}
-TARGETS = {"step_ratio_vs_llm": ("<=", 1.10), "sample_speedup_vs_hf_llava": (">=", 1.5),
-           "decode_ratio_vs_llm": (">=", 0.95)}
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
@@ -102,202 +124,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     return args
-
-
-def auto_threads() -> tuple[int, str]:
-    """Threads for the cores that other processes leave free (at least one).
-
-    On an oversubscribed machine every OpenMP parallel region waits at its barrier for a descheduled thread: measured
-    here with four other agents busy, a SmolLM2 forward took 2-6x longer with 2 threads than with 1.
-    """
-    cores = len(os.sched_getaffinity(0))
-    load = os.getloadavg()[0]
-    n = max(1, min(cores, int(cores - load + 0.5)))
-    return n, f"auto: {cores} cores, 1-min load average {load:.1f} before start"
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far: ``VmHWM``.
-
-    Not ``ru_maxrss``: Linux carries that over ``fork`` + ``exec``, so a child started from a big parent would report
-    the parent's size as its own floor.
-    """
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float | None:
-    """Resident set size now (``VmRSS``)."""
-    return _status_mb("VmRSS")
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: write 5 to clear_refs); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def tibest(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def paired(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1,
-           label: str = "") -> dict[str, list[float]]:
-    """Run every function once per round, alternating the order (A B C, C B A, ...) so slow drift of the machine
-    hits all of them alike. The first ``warmup`` rounds are not recorded."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            dt = tibest(fns[n], device)
-            if r >= warmup:
-                times[n].append(dt)
-        logger.info("%s round %d/%d%s: %s (load average %.1f)", label, r + 1, warmup + rounds,
-                    " (warm-up)" if r < warmup else "",
-                    ", ".join(f"{n}={times[n][-1]:.2f}s" for n in names if times[n]) or "-", os.getloadavg()[0])
-    return times
-
-
-def ratio(num: list[float], den: list[float]) -> float:
-    """Fastest ``num`` over fastest ``den`` (see the module docstring for why the minimum)."""
-    return min(num) / min(den)
-
-
-def round_ratio(num: list[float], den: list[float]) -> float:
-    """Median of the per-round ratios, for comparison with :func:`ratio`."""
-    return statistics.median(a / b for a, b in zip(num, den))
-
-
-def best(xs: list[float]) -> float:
-    return min(xs)
-
-
-# ---------------------------------------------------------------------------------------------------- workloads
-def build_demo_tower(directory: Path) -> str:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPVisionModel(CLIPVisionConfig(**DEMO_TOWER)).save_pretrained(directory)
-    size = DEMO_TOWER["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(directory)
-    return str(directory)
-
-
-def ensure_lm_converted(lm: str) -> None:
-    """Convert the offline GGUF in a child process, so its one-time ~1 GB conversion never counts in our peak RSS."""
-    if Path(lm).is_dir() or (cache_dir() / SMOLLM2_ALIAS / "model.safetensors").is_file():
-        return
-    logger.info("converting %s once, in a separate process", lm)
-    subprocess.run([sys.executable, "-c", "import sys; from vlm_chat.offline import resolve_lm; resolve_lm(sys.argv[1])",
-                    lm], check=True)
-
-
-def vqa_groups(num_images: int, questions: int | None = None) -> list[tuple[str, list[dict]]]:
-    """The first ``num_images`` easy-VQA train images, each with (the first ``questions`` of) its questions as one
-    conversation."""
-    samples = easyvqa.load_split("train")
-    groups = easyvqa.group_by_image(samples)
-    ids = list(groups)[:num_images]
-    picked = [s for i in ids for s in groups[i]]
-    convs = easyvqa.conversations(picked)
-    return [(groups[i][0].image, convs[i][0][: 2 * questions] if questions else convs[i][0]) for i in ids]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def step_batches(chat: VLMChat, groups, batch: int, turns: int | None) -> tuple[dict, dict]:
-    """A VLM batch from the instruct collator (pixels in: the tower runs inside the step) and the same batch for the
-    bare LLM: image positions hold a text token instead, so length, padding and supervised positions are identical."""
-    rows = [{"image": path, "messages": msgs[: 2 * turns] if turns else msgs} for path, msgs in groups[:batch]]
-    if len(rows) < batch:
-        raise ValueError(f"--batch {batch} needs {batch} images; the benchmark loaded {len(rows)} (raise --images)")
-    vlm = Collator(chat, "instruct", FeatureCache(chat, enabled=False))(rows)
-    filler = chat.processor.tokenizer(" image", add_special_tokens=False)["input_ids"][0]
-    ids = vlm["input_ids"].clone()
-    ids[ids == chat.processor.image_token_id] = filler
-    llm = {"input_ids": ids, "attention_mask": vlm["attention_mask"], "labels": vlm["labels"]}
-    return to_device(vlm, chat.device), to_device(llm, chat.device)
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def make_optimizer(chat: VLMChat) -> torch.optim.Optimizer:
-    """The instruct stage's groups: mapper lr 1e-3, LoRA lr 2e-4."""
-    chat.model.configure_trainable(mapper=True, lora=True)
-    lora = [p for n, p in chat.model.lm.named_parameters() if "lora_" in n]
-    return torch.optim.AdamW([{"params": list(chat.model.mapper.parameters()), "lr": 1e-3},
-                              {"params": lora, "lr": 2e-4}])
-
-
-def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, params) -> float:
-    """One optimizer step as the engine takes it: forward (loss), backward, clip, step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    return float(loss)
-
-
-def vlm_step_flops(chat: VLMChat, batch: dict) -> float:
-    """Analytic FLOPs of one VLM training step on ``batch`` (see bench/flops.py for the rules)."""
-    b, t = batch["input_ids"].shape
-    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    vision = chat.model.vision
-    n_img = int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else int(batch["image_features"].shape[0])
-    mapper_params = sum(p.numel() for p in chat.model.mapper.parameters())
-    lm = lm_train_flops(LMShape.from_config(chat.model.causal_lm.config), b, t, supervised, chat.config.lm.lora_r)
-    return lm + vit_forward_flops(vision.model.config, n_img) + mapper_train_flops(mapper_params, n_img, vision.grid**2)
-
-
-def llava_step_flops(chat: VLMChat, batch: dict) -> float:
-    """Analytic FLOPs of one HF Llava step: LM head at every position, tower once per sample."""
-    b, t = batch["input_ids"].shape
-    vision = chat.model.vision
-    mapper_params = sum(p.numel() for p in chat.model.mapper.parameters())
-    lm = lm_train_flops(LMShape.from_config(chat.model.causal_lm.config), b, t, b * t, chat.config.lm.lora_r)
-    return lm + vit_forward_flops(vision.model.config, b) + mapper_train_flops(mapper_params, b, vision.grid**2)
-
-
-def matmul_fn(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
-    """A plain square matmul in the training dtype and its FLOPs (repeated on a GPU, where one is microseconds)."""
-    n, reps = (4096, 20) if device.type == "cuda" else (2048, 1)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-
-    def run():
-        for _ in range(reps):
-            torch.mm(a, b)
-
-    return run, 2.0 * n**3 * reps
 
 
 # ---------------------------------------------------------------------------------------------------- benchmarks
@@ -577,98 +403,6 @@ def memory_child(args) -> None:
     if chat.device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out), flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------- output
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def verdict(key: str, value: float) -> str:
-    if key not in TARGETS:
-        return ""
-    op, target = TARGETS[key]
-    ok = value <= target if op == "<=" else value >= target
-    return f"target {op} {target}: {'met' if ok else 'MISSED'}"
-
-
-def report(r: dict, env: dict, sweeps: dict) -> str:
-    out = [f"# vlm-chat benchmark ({env['mode']})", ""]
-    out += [f"- {k}: {v}" for k, v in env.items()]
-    out += ["", table(["metric", "value", "what", "target"], [
-        ["step_ratio_vs_llm", r["step_ratio_vs_llm"],
-         f"VLM step {r['step_s_vlm']:.2f} s / bare-LLM step {r['step_s_llm']:.2f} s (same LoRA, same loss code; "
-         f"batch {r['step_batch']} x {r['step_seq_len']} tokens, {r['step_visual_tokens']} visual)",
-         verdict("step_ratio_vs_llm", r["step_ratio_vs_llm"])],
-        *([["step_ratio_vs_llm_hf_loss", r["step_ratio_vs_llm_hf_loss"],
-             f"VLM step / bare-LLM step with transformers' default loss (logits everywhere, "
-             f"{r['step_s_llm_hf_loss']:.2f} s)", ""]] if "step_ratio_vs_llm_hf_loss" in r else []),
-        *([["lora_dropout_step_cost", r["lora_dropout_step_cost"],
-             f"VLM step with PEFT's LoRA dropout / without it ({r['step_s_vlm_lora_dropout0']:.2f} s)", ""]]
-          if "lora_dropout_step_cost" in r else []),
-        ["sample_speedup_vs_hf_llava", r["sample_speedup_vs_hf_llava"],
-         f"{r['samples_per_s_ours']:.2f} / {r['samples_per_s_llava']:.2f} QA samples/s, {r['samples']} questions on "
-         f"{r['sample_images']} image(s); analytic {r['gflop_per_sample_ours']:.1f} vs "
-         f"{r['gflop_per_sample_llava']:.1f} GFLOP/sample", verdict("sample_speedup_vs_hf_llava",
-                                                                     r["sample_speedup_vs_hf_llava"])],
-        ["decode_ratio_vs_llm", r["decode_ratio_vs_llm"],
-         f"{r['decode_tok_s_vlm']:.1f} / {r['decode_tok_s_llm']:.1f} tokens/s at {r['decode_context_tokens']} "
-         f"context tokens, {r['decode_new_tokens']} new", verdict("decode_ratio_vs_llm", r["decode_ratio_vs_llm"])],
-        ["ttft_ms", r["ttft_ms"], f"VLMChat.generate, 1 new token (image in); bare LLM {r['ttft_ms_llm']:.0f} ms", ""],
-        ["peak_rss_mb_infer", r["peak_rss_mb_infer"],
-         f"process peak after loading and the decode benchmark (after imports: {r['rss_after_imports_mb']:.0f})", ""],
-        ["peak_rss_mb_train", r["peak_rss_mb_train"], "process peak after the training-step benchmark", ""],
-        ["gflops_train", r["gflops_train"],
-         f"analytic {r['step_gflop']:.0f} GFLOP per VLM step / step time; MFU vs matmul "
-         f"{100 * r['gflops_train'] / r['matmul_gflops']:.0f}%", ""],
-        ["matmul_gflops", r["matmul_gflops"], "plain square matmul, timed between the training steps", ""],
-    ])]
-    if sweeps.get("batch"):
-        out += ["", "## Batch size (VLM vs bare-LLM step)", "", table(
-            ["batch", "seq len", "VLM step s", "LLM step s", "ratio", "VLM tokens/s", "GFLOP/s"],
-            [[x["batch"], x["step_seq_len"], x["step_s_vlm"], x["step_s_llm"], x["step_ratio_vs_llm"],
-              x["step_tokens_per_s_vlm"], x["gflops_train"]] for x in sweeps["batch"]])]
-    if sweeps.get("visual"):
-        out += ["", f"## Visual tokens (batch {args_batch(sweeps)})", "", table(
-            ["mapper", "visual tokens", "mapper params", "seq len", "VLM step s", "LLM step s", "ratio",
-             "our samples/s"],
-            [[x["mapper"], x["step_visual_tokens"], x["mapper_params"], x["step_seq_len"], x["step_s_vlm"],
-              x["step_s_llm"], x["step_ratio_vs_llm"], x["samples_per_s_ours"]] for x in sweeps["visual"]])]
-    if sweeps.get("memory"):
-        out += ["", f"## LoRA vs QLoRA memory (one process each, batch {args_batch(sweeps)}, 3 steps)", "",
-                "RSS loaded: after reading every weight once (the safetensors file is memory-mapped). Peak training: "
-                "VmHWM reset after loading, then 3 steps.", "", table(
-            ["kind", "RSS after imports MB", "RSS loaded MB", "of it anon / file MB", "peak RSS training MB",
-             "step s", "load s", "note"],
-            [[x["kind"], x.get("rss_after_imports_mb", "-"), x.get("rss_mb_loaded", "-"),
-              f"{x['rss_anon_mb_loaded']:.0f} / {x['rss_file_mb_loaded']:.0f}" if x.get("rss_anon_mb_loaded") else "-",
-              x.get("peak_rss_mb_train", "-"), x.get("step_s", "-"), x.get("load_s", "-"),
-              x.get("error", f"cuda peak {x['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in x
-                    else "" if x.get("train_peak_excludes_load") else "training peak includes the load peak")]
-             for x in sweeps["memory"]])]
-    return "\n".join(out)
-
-
-def args_batch(sweeps: dict) -> int:
-    return sweeps["step_batch"]
 
 
 # ---------------------------------------------------------------------------------------------------- main

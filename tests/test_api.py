@@ -214,7 +214,7 @@ def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(client, cha
     # the five that arrive meanwhile must join one batch after it.
     first = threading.Thread(target=one, args=("Take your time.", MAX))
     threads = [threading.Thread(target=one, args=qn) for qn in questions]
-    with chat._lock:
+    with chat.lock:
         first.start()
         deadline = time.monotonic() + 60
         while len(batcher.batch_sizes) == before:  # taken by the batcher, waiting for the model

@@ -16,7 +16,8 @@ import pytest
 from conftest import make_image
 
 from vlm_chat import VLMChat
-from vlm_chat.app import ChatHandlers, UISettings, build_app, default_examples, launch_app
+from vlm_chat.app import ChatHandlers, UISettings, build_app, launch_app
+from vlm_chat.serving import default_examples
 
 MAX_NEW = 6
 GEN = {"max_new_tokens": MAX_NEW, "do_sample": False}
@@ -255,8 +256,8 @@ def test_a_closed_chat_stream_frees_the_model_at_the_next_token(handlers, chat, 
     updates = handlers.respond(images["red"], "Go on and on.", [], 300, 0.0, 0.9)
     next(updates), next(updates)  # the question shown, then the first piece of the answer
     updates.close()
-    assert chat._lock.acquire(blocking=False)  # free as soon as close() returns: the worker has stopped
-    chat._lock.release()
+    assert chat.lock.acquire(blocking=False)  # free as soon as close() returns: the worker has stopped
+    chat.lock.release()
     assert len(lengths) == 1 and lengths[0] < 10, lengths  # not the 300 tokens asked for
 
 

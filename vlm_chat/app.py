@@ -11,11 +11,9 @@ the server's generation defaults; the UI's Settings panel only affects the UI.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -28,6 +26,7 @@ from vlm_chat.serving import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PORT,
     DEFAULT_TOP_P,
+    default_examples,
     generation_kwargs,
     load_model,
 )
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 #: Questions longer than this are refused in the UI (the model's context is small; this is far beyond useful).
 MAX_QUESTION_CHARS = 2000
 #: Every model call shares this Gradio concurrency group, so the limit counts generations across all buttons.
@@ -78,42 +76,6 @@ class UISettings:
     temperature: float = 0.0
     top_p: float = DEFAULT_TOP_P
     max_pixels: int = MAX_PIXELS
-
-
-def default_examples(n_easy_vqa: int = 2) -> list[list[str]]:
-    """Example (image path, question) pairs: the shapes-world scenes shipped in ``vlm_chat/assets`` and a few
-    easy-VQA test images with one of their own questions.
-
-    Args:
-        n_easy_vqa: How many easy-VQA test images to include (0 for none).
-
-    Returns:
-        A list of ``[image_path, question]`` rows for ``gr.Examples``.
-    """
-    examples: list[list[str]] = []
-    index = ASSETS_DIR / "examples.json"
-    if index.is_file():
-        for row in json.loads(index.read_text()):
-            path = ASSETS_DIR / row["image"]
-            if path.is_file():
-                examples.append([str(path), row["question"]])
-    if n_easy_vqa > 0:
-        try:
-            import easy_vqa
-        except ImportError:
-            logger.info("easy-vqa is not installed; its example images are left out")
-            return examples
-        texts, _, image_ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-        seen: set[int] = set()
-        # The first "what ..." question of each image reads better as a demo than a yes/no one.
-        for text, image_id in zip(texts, image_ids):
-            if image_id not in seen and text.startswith("what") and image_id in paths:
-                seen.add(image_id)
-                examples.append([paths[image_id], text[:1].upper() + text[1:]])
-                if len(seen) == n_easy_vqa:
-                    break
-    return examples
 
 
 def _user_error(message: str, title: str = "Error") -> gr.Error:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import logging
-import math
 import os
 import threading
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from vlm_chat.atomic import atomic_directory, recover
 from vlm_chat.card import model_card
 from vlm_chat.config import FORMAT_VERSION, LMConfig, MapperConfig, VisionConfig, VLMConfig
+from vlm_chat.generation import EventStop, build_generation_config
 from vlm_chat.images import ImageLike, load_image
 from vlm_chat.language import load_lm, load_tokenizer, resolve_dtype
 from vlm_chat.mappers import build_mapper
@@ -41,56 +40,10 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class _EventStop(StoppingCriteria):
-    """Ends every row of a generation once one of ``events`` is set: checked after each new token."""
-
-    def __init__(self, *events: threading.Event | None):
-        self.events = [e for e in events if e is not None]
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        stop = any(e.is_set() for e in self.events)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
 def _resolve_local(name: str, base: Path) -> str:
     """A path relative to a checkpoint directory if it exists there, else the name as given (hub id / abs path)."""
     candidate = base / name
     return str(candidate) if name and candidate.is_dir() else name
-
-
-#: Generation keywords checked before transformers sees them: transformers accepts a string, a float or a negative
-#: count for most of these and fails deep inside ``generate`` with an error that names no keyword (``'>' not supported
-#: between 'int' and 'str'``, ``repeat_interleave() received an invalid combination of arguments``).
-_INT_SETTINGS = {"max_new_tokens": 1, "min_new_tokens": 0, "max_length": 1, "min_length": 0, "num_beams": 1,
-                 "num_return_sequences": 1, "top_k": 0, "no_repeat_ngram_size": 0}
-_FLOAT_SETTINGS = {"temperature": (0.0, False), "top_p": (0.0, True), "repetition_penalty": (0.0, True),
-                   "length_penalty": (-math.inf, False)}  # key: (lower bound, whether the bound is excluded)
-_CHECKED_SETTINGS = {*_INT_SETTINGS, *_FLOAT_SETTINGS, "do_sample"}
-#: Sampling divides the logits by the temperature: below this, float32 logits overflow and sampling fails on NaN
-#: probabilities (temperature=1e-300 did: found by tests/test_fuzz_generate.py). Such a temperature is greedy anyway.
-_MIN_TEMPERATURE = 1e-5
-
-
-def _check_generation_value(key: str, value: Any) -> None:
-    """Refuse a wrongly typed or out-of-range value of a common generation keyword, naming it (None: the default)."""
-    if value is None:
-        return
-    if key in _INT_SETTINGS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
-        if value < _INT_SETTINGS[key]:
-            raise ValueError(f"{key} must be >= {_INT_SETTINGS[key]}, got {value}")
-    elif key in _FLOAT_SETTINGS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-        low, strict = _FLOAT_SETTINGS[key]
-        if not math.isfinite(value) or value < low or (strict and value == low) or (key == "top_p" and value > 1):
-            bound = "in (0, 1]" if key == "top_p" else f"{'>' if strict else '>='} {low}" if low > -math.inf else ""
-            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}".replace("  ", " "))
-        if key == "temperature" and 0 < value < _MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or at least {_MIN_TEMPERATURE:g}, got {value!r}")
-    elif key == "do_sample" and not isinstance(value, bool):
-        raise TypeError(f"do_sample must be True or False, got {type(value).__name__} {value!r}")
 
 
 class VLMChat:
@@ -106,7 +59,8 @@ class VLMChat:
         self.config = config
         self.device = device
         self._source_dir = source_dir  # where the vision tower came from, to copy it on save
-        self._lock = threading.Lock()  # one generation at a time per model (the app shares one instance)
+        #: Held while the model generates: one generation at a time per model (the front ends share one instance).
+        self.lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ building
     @classmethod
@@ -370,30 +324,10 @@ class VLMChat:
             batch["pixel_values"] = self.processor.pixel_values(pil).to(self.device)
         return batch
 
-    def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
-        tok = self.processor.tokenizer
-        settings = {
-            "max_new_tokens": 64,
-            "do_sample": False,
-            "eos_token_id": self.processor.stop_token_ids,
-            "pad_token_id": tok.pad_token_id,
-            "suppress_tokens": [self.processor.image_token_id],  # never emit the placeholder itself
-        }
-        known = set(GenerationConfig().to_dict())
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                     for k in unknown]
-            raise TypeError(f"unknown generation keyword(s): {', '.join(hints)}")
-        for key, value in kwargs.items():
-            _check_generation_value(key, value)
-        # None for a checked keyword means "the default" (max_new_tokens=None used to reach the prompt budget as None).
-        settings.update({k: v for k, v in kwargs.items() if v is not None or k not in _CHECKED_SETTINGS})
-        if not settings["do_sample"]:
-            # Greedy/beam decoding ignores these; dropping them avoids transformers' warnings about them.
-            for key in ("temperature", "top_p", "top_k"):
-                settings.pop(key, None)
-        return GenerationConfig(**settings)
+    def generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
+        """The ``GenerationConfig`` that ``generate`` uses for these keywords (greedy, this model's stop tokens, the
+        image token suppressed); unknown keywords and out-of-range values are errors naming them."""
+        return build_generation_config(self.processor, kwargs)
 
     @torch.inference_mode()
     def _generate_ids(self, batch: dict[str, torch.Tensor], gen: GenerationConfig, streamer=None,
@@ -422,9 +356,9 @@ class VLMChat:
         Returns:
             ``[B, T_new]`` the new token ids only.
         """
-        gen = self._generation_config(generate_kwargs)
+        gen = self.generation_config(generate_kwargs)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self._lock:
+        with self.lock:
             if seed is None:
                 return self._generate_ids(batch, gen, stopping_criteria=stopping_criteria)
             devices = [self.device] if self.device.type == "cuda" else []
@@ -463,8 +397,8 @@ class VLMChat:
         if len({img is None for img in images}) > 1:
             raise ValueError("a batch must be all images or all text-only; split it")
         histories = histories or [None] * len(prompts)
-        gen = self._generation_config(generate_kwargs)
-        with self._lock:
+        gen = self.generation_config(generate_kwargs)
+        with self.lock:
             batch = self._inputs(images, prompts, histories, reserve=gen.max_new_tokens)
             out = self._generate_ids(batch, gen)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -486,7 +420,7 @@ class VLMChat:
         Yields:
             Text deltas; their concatenation is the answer (leading whitespace dropped).
         """
-        gen = self._generation_config(generate_kwargs)
+        gen = self.generation_config(generate_kwargs)
         batch = self._inputs([image], [prompt], [history], reserve=gen.max_new_tokens)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
@@ -495,8 +429,8 @@ class VLMChat:
 
         def work():
             try:
-                with self._lock:
-                    self._generate_ids(batch, gen, streamer, stopping_criteria=[_EventStop(closed, stop_event)])
+                with self.lock:
+                    self._generate_ids(batch, gen, streamer, stopping_criteria=[EventStop(closed, stop_event)])
             except BaseException as e:  # surface the error in the caller's thread, not a dead worker
                 errors.append(e)
                 streamer.end()

@@ -318,7 +318,7 @@ def export_llava(chat, path: str | os.PathLike, card: str | None = None,
     start = time.perf_counter()
     with atomic_directory(path) as tmp:
         llava = build_llava(chat)
-        llava.generation_config = GenerationConfig(**{**chat._generation_config({}).to_diff_dict(),
+        llava.generation_config = GenerationConfig(**{**chat.generation_config({}).to_diff_dict(),
                                                       "bos_token_id": chat.processor.tokenizer.bos_token_id})
         llava.save_pretrained(tmp)
         del llava

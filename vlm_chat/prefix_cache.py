@@ -83,7 +83,7 @@ def generate_shared_prefix(chat: Any, images: Sequence[Any], prompts: Sequence[s
     processor, model = getattr(chat, "processor", None), getattr(chat, "model", None)
     if processor is None or model is None or not prompts or any(image is None for image in images):
         return chat.generate_batch(list(images), list(prompts), **generate_kwargs)
-    gen = chat._generation_config(generate_kwargs)
+    gen = chat.generation_config(generate_kwargs)
     if not _sharing_applies(gen):
         return chat.generate_batch(list(images), list(prompts), **generate_kwargs)
     for prompt in prompts:
@@ -103,7 +103,7 @@ def generate_shared_prefix(chat: Any, images: Sequence[Any], prompts: Sequence[s
             distinct[id(image)] = len(unique)
             unique.append(image)
     rows = torch.tensor([distinct[id(image)] for image in images], device=chat.device)  # [B]
-    with chat._lock, torch.inference_mode():
+    with chat.lock, torch.inference_mode():
         pixel_values = processor.pixel_values([load_image(image) for image in unique]).to(chat.device)
         prefix_ids = torch.tensor([encoded[0][:shared]], device=chat.device).expand(len(unique), -1)  # [K, P]
         prefix_embeds = model.embed(prefix_ids, pixel_values)  # [K, P, d_lm]

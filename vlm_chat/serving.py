@@ -7,6 +7,7 @@ The front ends import this module and never each other; ``launch_ui`` starts the
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -107,6 +108,45 @@ def load_model(model: str | None) -> VLMChat:
         # The library names the missing file or the incompatible field; say which --model it was.
         raise UsageError(f"cannot load model from {path}: {e}") from e
 
+
+#: Example images (shapes-world scenes) shown by the UI.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def default_examples(n_easy_vqa: int = 2) -> list[list[str]]:
+    """Example (image path, question) pairs: the shapes-world scenes shipped in ``vlm_chat/assets`` and a few
+    easy-VQA test images with one of their own questions.
+
+    Args:
+        n_easy_vqa: How many easy-VQA test images to include (0 for none).
+
+    Returns:
+        A list of ``[image_path, question]`` rows for ``gr.Examples``.
+    """
+    examples: list[list[str]] = []
+    index = ASSETS_DIR / "examples.json"
+    if index.is_file():
+        for row in json.loads(index.read_text()):
+            path = ASSETS_DIR / row["image"]
+            if path.is_file():
+                examples.append([str(path), row["question"]])
+    if n_easy_vqa > 0:
+        try:
+            import easy_vqa
+        except ImportError:
+            logger.info("easy-vqa is not installed; its example images are left out")
+            return examples
+        texts, _, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+        seen: set[int] = set()
+        # The first "what ..." question of each image reads better as a demo than a yes/no one.
+        for text, image_id in zip(texts, image_ids):
+            if image_id not in seen and text.startswith("what") and image_id in paths:
+                seen.add(image_id)
+                examples.append([paths[image_id], text[:1].upper() + text[1:]])
+                if len(seen) == n_easy_vqa:
+                    break
+    return examples
 
 def launch_ui(model: str | None, **kwargs: Any) -> None:
     """Start the Gradio chat UI on ``model`` (``None`` = the demo model); keywords as :func:`vlm_chat.app.serve`."""
