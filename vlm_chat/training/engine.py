@@ -435,7 +435,7 @@ class _Run:
             sorted(set(n.split("/")[0] for n in self.group_names)),
         )  # fmt: skip
         progress = tqdm(total=self.max_steps, initial=self.global_step, desc="train",
-                        disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process)
+                        disable=True if cfg.disable_tqdm or not self.accelerator.is_local_main_process else None)  # None: a bar on a terminal only
         log_fh = open(log_path, "a", encoding="utf-8") if self.is_main else None
         self.model.train()
         try:
