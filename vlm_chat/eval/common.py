@@ -169,7 +169,7 @@ def generate_grouped(
         groups.setdefault(image_key(image), []).append(i)
     order = [i for idx in groups.values() for i in idx]
     responses: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="q")
+    bar = tqdm(total=len(order), desc=desc, disable=True if not progress else None, unit="q")  # None: terminal only
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         loaded: dict[Any, Any] = {}
