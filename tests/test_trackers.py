@@ -49,8 +49,9 @@ def test_an_unknown_tracker_lists_the_valid_ones(tmp_path):
 def test_command_line_and_yaml_values(tmp_path, monkeypatch):
     _only_tensorboard_installed(monkeypatch)
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text(f"output_dir: {tmp_path}\nreport_to: [tensorboard]\n")
+    yaml_file.write_text(f"output_dir: {tmp_path}\nreport_to: tensorboard, none\n")
     assert parse_config([TrainConfig], ["--config", str(yaml_file)])[0].trackers() == ["tensorboard"]
+    assert parse_config([TrainConfig], ["--output_dir", "x"])[0].trackers() == ["tensorboard"]  # the default
     assert parse_config([TrainConfig], ["--config", str(yaml_file), "--report_to", "none"])[0].trackers() == []
     with pytest.raises(ConfigError, match=r"pip install wandb"):
         parse_config([TrainConfig], ["--config", str(yaml_file), "--report_to", "wandb"])

@@ -82,7 +82,9 @@ class TrainConfig:
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch samples of similar length together (less padding; exact resume kept)."}
     )
-    report_to: str | list[str] = field(
+    # A plain str for the config parser (transformers' HfArgumentParser would turn `str | list[str]` into a list
+    # field); several trackers are comma-separated, and a Python list works too.
+    report_to: str = field(
         default="tensorboard",
         metadata={
             "help": "Where metrics go besides the log file: accelerate trackers (tensorboard, wandb, mlflow, trackio, "
@@ -143,7 +145,8 @@ class TrainConfig:
         value = self.report_to
         names = [value] if isinstance(value, str) else list(value)
         names = [n.strip().lower() for name in names for n in str(name).split(",") if n.strip()]
-        if names in ([], ["none"]):
+        names = [n for n in names if n != "none"]
+        if not names:
             return []
         installed = [str(t.value) for t in get_available_trackers()]
         if names == ["all"]:
