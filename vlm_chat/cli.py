@@ -7,8 +7,12 @@ Examples::
     vlm-chat serve --model runs/instruct/final --port 7860
     vlm-chat eval vqa --model runs/instruct/final --output results/vqa.json
     vlm-chat eval shapes --model runs/instruct/final --split val
+    vlm-chat chat --image - "What color is the shape?" < cat.png     # ``-``: the image's bytes from stdin
+    echo "What color is the shape?" | vlm-chat chat --image cat.png -  # or the question
 
-Every subcommand takes ``--model DIR`` (default: the shipped demo model, ``vlm_chat.DEMO_MODEL``).
+Every subcommand takes ``--model DIR`` (default: the shipped demo model, ``vlm_chat.DEMO_MODEL``). Errors are one
+line on stderr (exit 2: the input or the flags; 1: anything else), with the traceback only under ``--debug``; when
+stderr is not a terminal, libraries' warnings and progress bars stay off it (``vlm_chat.console``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 from typing import Any
 
 import vlm_chat
+from vlm_chat.console import setup_logging
 from vlm_chat.serving import (
     DEFAULT_HOST,
     DEFAULT_MAX_FILE_SIZE,
@@ -64,6 +69,13 @@ def _probability(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse's own prints the whole usage block before it)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def _model_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
@@ -73,6 +85,7 @@ def _model_parent() -> argparse.ArgumentParser:
         help="checkpoint directory (written by save_pretrained or training); default: the shipped demo model",
     )
     parent.add_argument("-v", "--verbose", action="store_true", help="log progress (model loading, requests)")
+    parent.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     return parent
 
 
@@ -100,9 +113,7 @@ def _generation_parent(max_new_tokens: int | None) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vlm-chat`` argument parser (subcommands: chat, caption, serve, eval)."""
-    parser = argparse.ArgumentParser(
-        prog="vlm-chat", description="Chat with a small vision-language model about an image."
-    )
+    parser = _Parser(prog="vlm-chat", description="Chat with a small vision-language model about an image.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {vlm_chat.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model = _model_parent()
@@ -113,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer a question about an image",
         description="Answer a question about an image and print the answer.",
     )
-    chat.add_argument("--image", metavar="PATH", default=None, help="image file (omit for a text-only question)")
-    chat.add_argument("question", nargs="+", help="the question (several words are joined with spaces)")
+    chat.add_argument(
+        "--image", metavar="PATH", default=None, help="image file, - for its bytes on stdin (omit: text only)"
+    )
+    chat.add_argument("question", nargs="+", help="the question (words are joined with spaces); - reads it from stdin")
     chat.add_argument("--stream", action="store_true", help="print the answer token by token as it is generated")
 
     caption = sub.add_parser(
@@ -123,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption an image",
         description="Print a caption of an image.",
     )
-    caption.add_argument("image", metavar="PATH", help="image file")
+    caption.add_argument("image", metavar="PATH", help="image file, or - for its bytes on stdin")
     caption.add_argument("--detailed", action="store_true", help="a longer, detailed caption")
 
     serve = sub.add_parser(
@@ -238,12 +251,29 @@ def _run_eval(args: argparse.Namespace, gen: dict[str, Any]) -> int:
     return run_eval(args)
 
 
-def _run_chat(args: argparse.Namespace, gen: dict[str, Any]) -> int:
+def _read_image(arg: str, flag: str):
+    """The image a path or ``-`` (its encoded bytes on stdin) names, decoded and checked."""
     from vlm_chat.images import load_image
 
+    if arg != "-":
+        return load_image(arg)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError(f"{flag} -: stdin is a terminal; pipe the image in, e.g. `< cat.png`")
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise UsageError(f"{flag} -: stdin held no data (expected the bytes of a PNG/JPEG/... file)")
+    try:
+        return load_image(data)
+    except ValueError as e:
+        raise UsageError(f"{flag} -: {e}") from e
+
+
+def _run_chat(args: argparse.Namespace, gen: dict[str, Any]) -> int:
     # Read the image before loading the model: a typo in the path should not cost a model load.
-    image = load_image(args.image) if args.image is not None else None
-    question = " ".join(args.question)
+    if args.question == ["-"] and args.image == "-":
+        raise UsageError("stdin can carry the image (--image -) or the question (-), not both")
+    image = _read_image(args.image, "--image") if args.image is not None else None
+    question = sys.stdin.read().strip() if args.question == ["-"] else " ".join(args.question)
     if not question.strip():
         raise UsageError("the question is empty")
     chat = load_model(args.model)
@@ -258,9 +288,7 @@ def _run_chat(args: argparse.Namespace, gen: dict[str, Any]) -> int:
 
 
 def _run_caption(args: argparse.Namespace, gen: dict[str, Any]) -> int:
-    from vlm_chat.images import load_image
-
-    image = load_image(args.image)
+    image = _read_image(args.image, "PATH")
     chat = load_model(args.model)
     print(chat.caption(image, detailed=args.detailed, **gen))
     return 0
@@ -298,11 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         argv: Arguments without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-        The process exit status: 0 on success, 2 on a usage or input error (the message goes to stderr).
+        The process exit status: 0 on success, 2 on a usage or input error, 1 on any other error (one line on
+        stderr; ``--debug`` raises instead, for the traceback), 130 when interrupted.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING, verbose=args.verbose or args.debug)
     if args.verbose or args.command in ("serve", "api"):
         # Our own progress only; at INFO, httpx and friends would log every request the server makes.
         logging.getLogger("vlm_chat").setLevel(logging.INFO)
@@ -323,13 +352,27 @@ def main(argv: list[str] | None = None) -> int:
         gen = {} if no_gen else generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
         resolve_model_dir(args.model)  # fail before the slow imports if there is no model to load
         return runners[args.command](args, gen)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"vlm-chat {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
-        # Bad paths, unreadable images and bad prompts are the user's to fix: one clear line, no traceback
-        # (unless --verbose, where a wrongly caught bug should still be debuggable).
-        if getattr(args, "verbose", False):
-            logger.exception("%s failed", args.command)
-        print(f"vlm-chat {args.command}: error: {e}", file=sys.stderr)
+        # Bad paths, unreadable images and bad prompts are the user's to fix: one clear line, no traceback.
+        if args.debug:
+            raise
+        print(f"vlm-chat {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else is still one line; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"vlm-chat {args.command}: error: {type(e).__name__}: {_one_line(e)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def generate_grouped(
         groups.setdefault(image_key(image), []).append(i)
     chunks = _pack(list(groups.values()), batch_size) if share_prefix else _consecutive(groups, batch_size)
     responses: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="q")
+    bar = tqdm(total=len(prompts), desc=desc, disable=True if not progress else None,  # None: terminal only
+                unit="q")
     for chunk in chunks:
         loaded: dict[Any, Any] = {}
         batch_images = []

@@ -68,7 +68,8 @@ class FeatureCache:
         todo = [p for p in dict.fromkeys(paths) if p not in self.store]
         if self._chat is None and todo:
             raise RuntimeError(f"this feature table is read-only; {len(todo)} images are missing")
-        for start in tqdm(range(0, len(todo), batch_size), desc="vision features", disable=not progress or not todo):
+        quiet = True if not progress or not todo else None  # None: tqdm draws the bar on a terminal only
+        for start in tqdm(range(0, len(todo), batch_size), desc="vision features", disable=quiet):
             self._fill(todo[start : start + batch_size])
         self._chat = None
         logger.info("vision features of %d images computed before training", len(self.store))

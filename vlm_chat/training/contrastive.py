@@ -40,6 +40,7 @@ import torch.distributed.nn.functional as dist_nn
 from accelerate.utils import set_seed
 from torch import nn
 
+from vlm_chat.console import setup_logging
 from vlm_chat.losses import caption_keys, clip_loss, contrastive_accuracy, siglip_loss, triplet_loss
 from vlm_chat.training.args import CaptionDataArgs, ConfigError, TrainConfig, config_to_dict, parse_config, save_config
 from vlm_chat.training.checkpoints import rows_fingerprint
@@ -327,7 +328,7 @@ def run_contrastive(config: ContrastiveConfig) -> ContrastiveResult:
 
 def main(argv: Sequence[str] | None = None) -> ContrastiveResult:
     """Command-line entry point of ``train/contrastive.py``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)  # library bars and warnings only on a terminal
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = load_contrastive_config(argv=argv)

@@ -169,7 +169,7 @@ def train(
         cpu=launched_world > 1 and not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+        log_with=cfg.trackers() or None,  # report_to, checked when the config was made
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # One scheduler step per optimizer step, whatever the number of processes (accelerate's default
         # would step it once per process).
@@ -403,7 +403,7 @@ class _Run:
         log_path = self.output_dir / LOG_FILE
         if self.is_main:
             truncate_log(log_path, self.global_step)  # a resumed run's log equals an uninterrupted one
-        if cfg.report_to != "none":
+        if self.accelerator.log_with:
             hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             self.accelerator.init_trackers("train", config=hparams)
         (logger.info if self.is_main else logger.debug)(
@@ -414,7 +414,7 @@ class _Run:
             sorted(set(n.split("/")[0] for n in self.group_names)),
         )  # fmt: skip
         progress = tqdm(total=self.max_steps, initial=self.global_step, desc="train",
-                        disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process)
+                        disable=True if cfg.disable_tqdm or not self.accelerator.is_local_main_process else None)  # None: a bar on a terminal only
         log_fh = open(log_path, "a", encoding="utf-8") if self.is_main else None
         self.model.train()
         with self.stop:

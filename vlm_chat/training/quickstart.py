@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlm_chat.console import setup_logging
+
 logger = logging.getLogger(__name__)
 
 #: The recipe's stage YAMLs (package data, so a non-editable install has them too).
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.stage0_scale = args.scale
     if args.scale <= 0 or args.stage0_scale <= 0:
         parser.error(f"--scale and --stage0-scale must be > 0, got {args.scale} and {args.stage0_scale}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)  # library bars and warnings only on a terminal
 
     from vlm_chat import VLMChat
 

@@ -38,6 +38,7 @@ from accelerate.utils import extract_model_from_parallel
 from vlm_chat.card import model_card
 from vlm_chat.chat import CAPTION_PROMPTS, VLMChat
 from vlm_chat.config import VLMConfig
+from vlm_chat.console import setup_logging
 from vlm_chat.losses import dpo_loss
 from vlm_chat.training.args import ConfigError, TrainConfig, parse_config, save_config
 from vlm_chat.training.batches import Collator, FeatureCache
@@ -432,7 +433,7 @@ def load_stage_config(stage: str, config_file: str | Path | None = None, overrid
 def main(stage: str, argv: Sequence[str] | None = None) -> TrainResult:
     """Command-line entry point of ``train/<stage>.py``: ``--config FILE [--key value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)  # library bars and warnings only on a terminal
     try:
         config = load_stage_config(stage, argv=argv)
     except ConfigError as err:  # a config mistake deserves a message, not a traceback

@@ -11,6 +11,10 @@ from transformers import SchedulerType
 __all__ = ["CaptionDataArgs", "ConfigError", "FloatDict", "TrainConfig"]
 
 
+#: pip names of the tracker packages that differ from accelerate's tracker names.
+_TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and lists the valid ones."""
 
@@ -83,8 +87,14 @@ class TrainConfig:
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch samples of similar length together (less padding; exact resume kept)."}
     )
-    report_to: Literal["tensorboard", "none"] = field(
-        default="tensorboard", metadata={"help": "Where metrics go besides the log file."}
+    # A plain str for the config parser (transformers' HfArgumentParser would turn `str | list[str]` into a list
+    # field); several trackers are comma-separated, and a Python list works too.
+    report_to: str = field(
+        default="tensorboard",
+        metadata={
+            "help": "Where metrics go besides the log file: accelerate trackers (tensorboard, wandb, mlflow, trackio, "
+            "comet_ml, aim, clearml, dvclive, swanlab), several comma-separated; 'all' = every installed one; 'none'."
+        },
     )
     deterministic: bool = field(default=True, metadata={"help": "torch deterministic algorithms (warn-only)."})
     disable_tqdm: bool = False
@@ -115,6 +125,50 @@ class TrainConfig:
             )
         if self.learning_rate < 0:
             raise ConfigError(f"config key 'learning_rate' must be >= 0, got {self.learning_rate}")
+        if self.report_to is None:  # YAML's `report_to: none` (null), as transformers takes it
+            self.report_to = "none"
+        if isinstance(self.report_to, (list, tuple)) and len(self.report_to) == 1:
+            self.report_to = str(self.report_to[0])  # the command line gives a list even for one name
+        self.trackers()  # an unknown or uninstalled tracker fails here, before any model is built
+
+    def trackers(self) -> list[str]:
+        """The accelerate trackers that ``report_to`` names (``log_with`` of the Accelerator); ``[]`` for ``none``.
+
+        ``report_to`` follows transformers' ``TrainingArguments``: a name, several (a list or comma-separated), ``all``
+        (every tracker whose package is installed) or ``none``.
+
+        Returns:
+            accelerate ``LoggerType`` values, in the order given.
+
+        Raises:
+            ConfigError: a name accelerate does not know, or a tracker whose package is not installed (the message
+                says what to ``pip install``).
+        """
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        value = self.report_to
+        names = [value] if isinstance(value, str) else list(value)
+        names = [n.strip().lower() for name in names for n in str(name).split(",") if n.strip()]
+        names = [n for n in names if n != "none"]
+        if not names:
+            return []
+        installed = [str(t.value) for t in get_available_trackers()]
+        if names == ["all"]:
+            return installed
+        known = sorted(str(t.value) for t in LoggerType if t is not LoggerType.ALL)
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"config key 'report_to': unknown tracker {name!r}; valid: {known}, 'all' or 'none'"
+                )
+            if name not in installed:
+                package = _TRACKER_PACKAGES.get(name, name)
+                raise ConfigError(
+                    f"config key 'report_to': tracker {name!r} needs the {package!r} package, which is not installed "
+                    f"(pip install {package}); or set report_to to one of the installed ones {installed} or 'none'"
+                )
+        return list(dict.fromkeys(names))
 
 
 @dataclass
