@@ -422,14 +422,14 @@ def table(result: dict[str, Any]) -> str:
     probes = result["probes"]
     feature_layer = "feature_layer" if "feature_layer" in probes else f"layer{result['setup']['feature_layer']}"
     feature_layer = feature_layer if feature_layer in probes else next(iter(probes))
-    others = [s for s in probes if s not in ("feature_layer", "mapper", feature_layer)] or [feature_layer]
+    others = [s for s in probes if s not in ("feature_layer", "mapper", feature_layer)]
     head = ["target", "majority", f"tower {feature_layer}", "best other stage", "mapper output", "LLM answers"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target in TARGETS:
-        best = max(others, key=lambda s: probes[s][target]["accuracy"])
+        best = max(others, key=lambda s: probes[s][target]["accuracy"]) if others else None
         cells = [target, f"{probes[feature_layer][target].get('majority', float('nan')):.2f}",
                  f"{probes[feature_layer][target]['accuracy']:.3f}",
-                 f"{probes[best][target]['accuracy']:.3f} ({best})"]
+                 f"{probes[best][target]['accuracy']:.3f} ({best})" if best else "-"]
         cells.append(f"{probes['mapper'][target]['accuracy']:.3f}" if "mapper" in probes else "-")
         by_type = (result.get("llm") or {}).get("by_type", {})
         cells.append(", ".join(f"{t} {by_type[t]['accuracy']:.3f}" for t in LLM_TYPES[target] if t in by_type) or "-")
