@@ -2,6 +2,7 @@
 
     python -m bench.probe_scenes [--model DIR] [--train-scenes 1500] [--test-scenes 400] [--llm-scenes 100] [--output F]
     python -m bench.probe_scenes --vision runs/probe/clip/final   # a stage-0 tower alone: no mapper, no LLM
+    python -m bench.probe_scenes --vision DIR --pool 2 --stages layer-2 avg2x2 pooled   # + 2x2-averaged patches
 
 Probe-training scenes come from the shapes world's training seed (1), probe-test scenes from its validation seed (2);
 the test seed (1234) is refused. Every image goes through the model's own path: ``VLMChat.processor.pixel_values`` ->
@@ -48,9 +49,7 @@ WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 def answer_vocabularies() -> dict[str, list[str]]:
     """The answers each ``shapes.qa_pairs`` question type can have; a reply is judged by the first one it names.
-
-    Counts allow 0-9 so that a reply of "5" is read as the (wrong) answer 5 rather than as no answer.
-    """
+    Counts allow 0-9 so that a reply of "5" is read as the (wrong) answer 5 rather than as no answer."""
     from vlm_chat.datasets import shapes
 
     numbers, yes_no = [str(k) for k in range(10)], ["yes", "no"]
@@ -68,11 +67,8 @@ def quadrant_patches(grid: int) -> list[list[int]]:
     if grid < 2 or grid % 2:
         raise ValueError(f"quadrant probes need an even patch grid side >= 2, got {grid}")
     half = grid // 2
-    return [
-        [r * grid + c for r in range(qr * half, (qr + 1) * half) for c in range(qc * half, (qc + 1) * half)]
-        for qr in (0, 1)
-        for qc in (0, 1)
-    ]
+    return [[r * grid + c for r in range(qr * half, (qr + 1) * half) for c in range(qc * half, (qc + 1) * half)]
+            for qr in (0, 1) for qc in (0, 1)]
 
 
 def scene_labels(scenes: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -108,9 +104,8 @@ def _pixel_values(chat: Any, tower: Any, images: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(
-    images: list, chat: Any = None, tower: Any = None, batch_size: int = 64
-) -> dict[str, torch.Tensor]:
+def extract_features(images: list, chat: Any = None, tower: Any = None, batch_size: int = 64,
+                     pool: int = 1) -> dict[str, torch.Tensor]:
     """Features of every stage for ``images``, through the model's own modules.
 
     Args:
@@ -118,11 +113,13 @@ def extract_features(
         chat: A ``VLMChat``: its tower, its processor and its mapper are used.
         tower: Or a ``vlm_chat.vision.VisionTower`` alone (no mapper stage).
         batch_size: Images per forward pass.
+        pool: Above 1, also ``"avg{pool}x{pool}"``: the feature layer's patches averaged over ``pool`` x ``pool``
+            blocks (what a 2x2-pooling mapper would keep of a patch-4 tower: 64 tokens from 256).
 
     Returns:
         ``{stage: [N, T, D]}``: ``"layer-1"`` ... ``"layer-K"`` (patch tokens of each hidden state, ``-K`` being the
         embeddings), ``"pooled"`` (``T = 1``), ``"feature_layer"`` (what ``model.vision`` returns: the configured
-        layer, as the mapper sees it) and, with a chat, ``"mapper"`` (the visual tokens the LLM receives).
+        layer, as the mapper sees it), with a chat ``"mapper"`` (the visual tokens the LLM receives) and ``avgPxP``.
     """
     if (chat is None) == (tower is None):
         raise ValueError("pass exactly one of chat= or tower=")
@@ -138,6 +135,13 @@ def extract_features(
         stages["pooled"] = out.pooler_output.unsqueeze(1)  # [B, 1, d_vis]
         feats = vision(pixels)  # [B, N_patch, d_vis]: the mapper's input
         stages["feature_layer"] = feats
+        if pool > 1:
+            grid = vision.grid
+            if grid % pool:
+                raise ValueError(f"pool {pool} does not divide the {grid}x{grid} patch grid")
+            square = feats.unflatten(1, (grid, grid)).permute(0, 3, 1, 2)  # [B, d_vis, grid, grid]
+            pooled = F.avg_pool2d(square, pool)  # [B, d_vis, grid / pool, grid / pool]
+            stages[f"avg{pool}x{pool}"] = pooled.flatten(2).transpose(1, 2)  # [B, (grid / pool)^2, d_vis]
         if chat is not None:
             stages["mapper"] = chat.model.encode_images(image_features=feats)  # [B, N_vis, d_lm]
         for name, value in stages.items():
@@ -173,14 +177,8 @@ def _predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.cat([x, torch.ones(len(x), 1)], 1) @ w).argmax(1)
 
 
-def fit_probe(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    weight_decays: Sequence[float] = WEIGHT_DECAYS,
-    max_iter: int = 100,
-    holdout: float = 0.2,
-) -> dict[str, Any]:
+def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+              weight_decays: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 100, holdout: float = 0.2) -> dict[str, Any]:
     """Fit a linear probe and predict the test rows.
 
     Features are z-scored with the training rows' statistics. The L2 weight is the one of ``weight_decays`` with the
@@ -220,14 +218,8 @@ def _rows(feats: torch.Tensor, patches: list[int] | None) -> torch.Tensor:
     return picked.flatten(1)  # [N, T' * D]
 
 
-def probe_stage(
-    train: torch.Tensor,
-    test: torch.Tensor,
-    y_train: dict[str, torch.Tensor],
-    y_test: dict[str, torch.Tensor],
-    grid: int,
-    **probe_kwargs: Any,
-) -> dict[str, dict[str, Any]]:
+def probe_stage(train: torch.Tensor, test: torch.Tensor, y_train: dict[str, torch.Tensor],
+                y_test: dict[str, torch.Tensor], grid: int, **probe_kwargs: Any) -> dict[str, dict[str, Any]]:
     """Accuracy of every target's probe on one stage's features.
 
     Args:
@@ -272,13 +264,9 @@ def probe_stage(
                 full[te] = hit
                 right.setdefault(target, []).append(full)
         all_hits = torch.cat(hits)
-        result[target] = {
-            "accuracy": all_hits.float().mean().item(),
-            "n": len(all_hits),
-            "majority": torch.cat(majority_hits).float().mean().item(),
-            "by_quadrant": by_quadrant,
-            "weight_decay": wds,
-        }
+        result[target] = {"accuracy": all_hits.float().mean().item(), "n": len(all_hits),
+                          "majority": torch.cat(majority_hits).float().mean().item(), "by_quadrant": by_quadrant,
+                          "weight_decay": wds}
         if target != "empty":  # small shapes cover about 2x2 patches, large ones 3x3 to 4x4
             size_of = torch.cat(sizes)
             result[target]["by_size"] = {
@@ -289,12 +277,9 @@ def probe_stage(
     result["object"] = {"accuracy": both[occupied].float().mean().item(), "n": int(occupied.sum())}
     fit = fit_probe(_rows(train, None), y_train["count"], _rows(test, None), **probe_kwargs)
     majority = Counter(y_train["count"].tolist()).most_common(1)[0][0]
-    result["count"] = {
-        "accuracy": (fit["predictions"] == y_test["count"]).float().mean().item(),
-        "n": len(test),
-        "majority": (y_test["count"] == majority).float().mean().item(),
-        "weight_decay": [fit["weight_decay"]],
-    }
+    result["count"] = {"accuracy": (fit["predictions"] == y_test["count"]).float().mean().item(), "n": len(test),
+                       "majority": (y_test["count"] == majority).float().mean().item(),
+                       "weight_decay": [fit["weight_decay"]]}
     return result
 
 
@@ -354,6 +339,8 @@ def run_probes(
     train_seed: int = TRAIN_SEED,
     test_seed: int = VALIDATION_SEED,
     batch_size: int = 16,
+    pool: int = 1,
+    stages: Sequence[str] | None = None,
     **probe_kwargs: Any,
 ) -> dict[str, Any]:
     """Probe every stage of ``chat`` (or of ``tower`` alone) and measure the LLM's answers on the same test scenes.
@@ -367,6 +354,8 @@ def run_probes(
         train_seed: Shapes-world seed of the probe-training scenes.
         test_seed: Shapes-world seed of the probe-test scenes; the test seed 1234 is refused.
         batch_size: Questions per ``generate_batch`` call.
+        pool: See :func:`extract_features`.
+        stages: Probe only these stages (default: all); names as in :func:`extract_features`.
         **probe_kwargs: Passed to :func:`fit_probe` (``weight_decays``, ``max_iter``).
 
     Returns:
@@ -391,7 +380,7 @@ def run_probes(
     test = shapes.generate_scenes(test_scenes, seed=test_seed, image_size=size)
     feats = {}
     for name, scenes in (("train", train), ("test", test)):
-        feats[name] = extract_features([s.render() for s in scenes], chat=chat, tower=tower)
+        feats[name] = extract_features([s.render() for s in scenes], chat=chat, tower=tower, pool=pool)
     configured = f"layer{vision.feature_layer}"
     # model.vision's output is that layer's patch tokens (checked here, not assumed): probe it once, under its name.
     same = all(torch.equal(f["feature_layer"], f[configured]) for f in feats.values())
@@ -399,12 +388,16 @@ def run_probes(
         for f in feats.values():
             del f["feature_layer"]
     seconds["features"] = time.perf_counter() - t0
+    unknown = sorted(set(stages or ()) - set(feats["train"]))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; valid: {sorted(feats['train'])}")
     y_train, y_test = scene_labels(train), scene_labels(test)
     probes = {}
     t0 = time.perf_counter()
-    for stage in feats["train"]:
+    for stage in [s for s in feats["train"] if not stages or s in stages]:
         logger.info("probing %s %s", stage, tuple(feats["train"][stage].shape))
-        probes[stage] = probe_stage(feats["train"][stage], feats["test"][stage], y_train, y_test, grid, **probe_kwargs)
+        side = grid // pool if stage == f"avg{pool}x{pool}" else grid  # an averaged stage has a coarser grid
+        probes[stage] = probe_stage(feats["train"][stage], feats["test"][stage], y_train, y_test, side, **probe_kwargs)
     seconds["probes"] = time.perf_counter() - t0
     llm = None
     if chat is not None and llm_scenes:
@@ -413,7 +406,7 @@ def run_probes(
         seconds["llm"] = time.perf_counter() - t0
     setup = {"image_size": size, "patch_grid": grid, "layers": cfg.num_hidden_layers,
              "feature_layer": vision.feature_layer, "feature_layer_is_patch_tokens": same,
-             "train_scenes": train_scenes, "train_seed": train_seed, "test_scenes": test_scenes, "test_seed": test_seed,
+             "pool": pool, "train_scenes": train_scenes, "train_seed": train_seed, "test_scenes": test_scenes, "test_seed": test_seed,
              "llm_scenes": llm_scenes if llm else 0,
              "probe": "multinomial logistic regression, torch L-BFGS, z-scored features, L2 chosen on a holdout fifth"}
     return {"setup": setup, "probes": probes, "llm": llm, "seconds": seconds}
@@ -428,14 +421,15 @@ def table(result: dict[str, Any]) -> str:
     """Markdown: rows are targets, columns the configured layer, the best other layer, the mapper and the LLM."""
     probes = result["probes"]
     feature_layer = "feature_layer" if "feature_layer" in probes else f"layer{result['setup']['feature_layer']}"
+    feature_layer = feature_layer if feature_layer in probes else next(iter(probes))
     others = [s for s in probes if s not in ("feature_layer", "mapper", feature_layer)]
     head = ["target", "majority", f"tower {feature_layer}", "best other stage", "mapper output", "LLM answers"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target in TARGETS:
-        best = max(others, key=lambda s: probes[s][target]["accuracy"])
+        best = max(others, key=lambda s: probes[s][target]["accuracy"]) if others else None
         cells = [target, f"{probes[feature_layer][target].get('majority', float('nan')):.2f}",
                  f"{probes[feature_layer][target]['accuracy']:.3f}",
-                 f"{probes[best][target]['accuracy']:.3f} ({best})"]
+                 f"{probes[best][target]['accuracy']:.3f} ({best})" if best else "-"]
         cells.append(f"{probes['mapper'][target]['accuracy']:.3f}" if "mapper" in probes else "-")
         by_type = (result.get("llm") or {}).get("by_type", {})
         cells.append(", ".join(f"{t} {by_type[t]['accuracy']:.3f}" for t in LLM_TYPES[target] if t in by_type) or "-")
@@ -465,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads. 1 by default: on a shared 2-core machine, 2 threads made the small L-BFGS "
                         "fits up to 60x slower.")
+    parser.add_argument("--pool", type=int, default=1, help="Also probe the feature layer averaged over NxN patches.")
+    parser.add_argument("--stages", nargs="+", default=None, help="Probe only these stages (default: all).")
     parser.add_argument("--output", default=None, help="Write the full result (with every LLM reply) as JSON here.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -486,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         chat = VLMChat.from_pretrained(args.model or vlm_chat.DEMO_MODEL, device="cpu")
     result = run_probes(
         chat, tower, args.train_scenes, args.test_scenes, args.llm_scenes if chat is not None else 0,
-        args.train_seed, args.test_seed, args.batch_size, weight_decays=args.weight_decays, max_iter=args.max_iter,
+        args.train_seed, args.test_seed, args.batch_size, args.pool, args.stages, weight_decays=args.weight_decays,
+        max_iter=args.max_iter,
     )
     result["setup"]["source"] = args.vision or args.model or "vlm_chat/demo_model"
     print(table(result) + "\n" + json.dumps(result["seconds"]))  # CLI output

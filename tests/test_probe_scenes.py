@@ -81,3 +81,24 @@ def test_run_probes_on_a_tiny_vlm(tiny_clip_dir, tiny_smollm2_dir):
             expected[qa.qtype] = expected.get(qa.qtype, 0) + 1
     assert {t: v["n"] for t, v in result["llm"]["by_type"].items()} == expected
     assert "| count |" in probe_scenes.table(result)
+
+
+def test_pool_averages_each_2x2_block_and_probes_it_on_its_own_grid(tiny_clip_dir):
+    from vlm_chat.config import VisionConfig
+    from vlm_chat.vision import VisionTower
+
+    tower = VisionTower(VisionConfig(name_or_path=str(tiny_clip_dir), feature_layer=-2))  # 32 px / 8 px: 4x4 grid
+    images = [s.render() for s in shapes.generate_scenes(3, seed=1, image_size=32)]
+    feats = probe_scenes.extract_features(images, tower=tower, pool=2)
+    layer, pooled = feats["layer-2"], feats["avg2x2"]  # [3, 16, 32], [3, 4, 32]
+    assert pooled.shape == (3, 4, layer.shape[2])
+    # Block (1, 0) of the 2x2 grid is patches 8, 9, 12, 13 of the 4x4 grid (row-major).
+    torch.testing.assert_close(pooled[:, 2], layer[:, [8, 9, 12, 13]].mean(1))
+    with pytest.raises(ValueError, match="does not divide"):
+        probe_scenes.extract_features(images, tower=tower, pool=3)
+    result = probe_scenes.run_probes(tower=tower, train_scenes=24, test_scenes=8, llm_scenes=0, pool=2,
+                                     stages=["avg2x2", "pooled"], weight_decays=[1e-2], max_iter=10)
+    assert set(result["probes"]) == {"avg2x2", "pooled"}
+    assert result["setup"]["pool"] == 2 and result["probes"]["avg2x2"]["empty"]["n"] == 8 * 4
+    with pytest.raises(ValueError, match="unknown stages"):
+        probe_scenes.run_probes(tower=tower, train_scenes=8, test_scenes=4, llm_scenes=0, stages=["layer-9"])
