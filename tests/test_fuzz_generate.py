@@ -197,6 +197,7 @@ GEN_KEYS = ["max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
 @example(kwargs={"do_sample": True, "temperature": 1e-300})  # NaN probabilities in sampling, before the fix
 @example(kwargs={"max_new_tokens": None})  # reached the prompt budget as None, before the fix
 @example(kwargs={"num_beams": 2.0})  # repeat_interleave() deep in transformers, before the fix
+@example(kwargs={"repetition_penalty": 2})  # "`penalty` has to be a strictly positive float", before the fix
 def test_any_generation_keywords_are_answered_or_refused_naming_one(chat, picture, kwargs):
     # Bound the work a valid setting can ask for, so the property tests refusals, not patience: the keys that set a
     # length or a beam count get at most a few units when the value is a sane positive integer.

@@ -88,6 +88,9 @@ def build_generation_config(processor: Any, kwargs: dict[str, Any]) -> Generatio
         check_generation_value(key, value)
     # None for a checked keyword means "the default" (max_new_tokens=None used to reach the prompt budget as None).
     settings.update({k: v for k, v in kwargs.items() if v is not None or k not in _CHECKED_SETTINGS})
+    # transformers' logits processors refuse an int where they expect a float (repetition_penalty=2 did: found by
+    # tests/test_fuzz_generate.py); the checks above accepted it as a number, so pass it on as one.
+    settings.update({k: float(v) for k, v in settings.items() if k in _FLOAT_SETTINGS and type(v) is int})
     if not settings["do_sample"]:
         # Greedy/beam decoding ignores these; dropping them avoids transformers' warnings about them.
         for key in ("temperature", "top_p", "top_k"):
