@@ -268,8 +268,19 @@ def test_an_abandoned_stream_frees_the_model_at_once(client, chat, server, monke
     assert abandoned.finish_reason == "cancelled" and abandoned.completion_tokens < 20, abandoned
 
 
-def test_a_client_that_times_out_frees_the_model(client, server, monkeypatch):
+def test_a_client_that_times_out_frees_the_model(client, server, chat, monkeypatch):
+    import functools
+
     batcher = server[1].state.batcher
+    lm = chat.model.causal_lm
+    forward = lm.forward
+
+    @functools.wraps(forward)  # keeps the signature generate() inspects
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)  # 400 tokens take >= 8 s whatever the machine's speed, so the client's 1.5 s always runs out
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "forward", slow_forward)
     jobs = []
     submit = batcher.submit
     monkeypatch.setattr(batcher, "submit", lambda job: jobs.append(job) or submit(job))
