@@ -86,7 +86,7 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
 
 
 def test_bad_set_names_the_expected_form(tmp_path):
-    for bad in ("mapper_pool=1", "data.shapes_images=3", "eval.nonsense=1", "model.x=1"):
+    for bad in ("mapper_pool=1", "data.image_size=32", "eval.nonsense=1", "model.x=1"):
         proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output",
                                str(tmp_path), "--set", bad], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2 and bad in proc.stderr, proc.stderr[-2000:]

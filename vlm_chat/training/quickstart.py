@@ -46,8 +46,8 @@ FULL = {
     # Opt-in data variants, measured on the demo recipe and both worse on easy-VQA (docs/experiments/
     # 2026-11-23-easyvqa-yes-no-shortcuts.md): easyvqa_balance (yes/no balanced per question template) and easyvqa_max_turns 1
     # (one question per sample; needs --set instruct.max_turns_per_sample=1 so they are not packed back together).
-    "data": {"shapes_images": 1000, "shapes_eval_images": 100, "image_size": 64, "easyvqa": True,
-             "easyvqa_balance": False, "easyvqa_max_turns": None},
+    "data": {"shapes_images": 1000, "shapes_max_turns": None, "shapes_eval_images": 100, "image_size": 64,
+             "easyvqa": True, "easyvqa_balance": False, "easyvqa_max_turns": None},
     "contrastive": {},
     "pretrain": {},
     "instruct": {},
@@ -55,6 +55,12 @@ FULL = {
     "eval": {"vqa_questions": 1000, "pope_questions": 200, "captions": 50, "image_size": 64, "zero_shot_images": None,
              "shapes_scenes": 30},
 }
+
+
+#: Data settings ``--set data.KEY=VALUE`` may change (each one names the folder it writes, so nothing stale is reused):
+#: the number of training scenes, their QA turns (``None``: every question of ``shapes.qa_pairs``) and two easy-VQA
+#: variants.
+DATA_SETTINGS = ("shapes_images", "shapes_max_turns", "easyvqa_balance", "easyvqa_max_turns")
 
 
 def _config_value(stage: str, key: str) -> Any:
@@ -113,10 +119,15 @@ def prepare_data(out: Path, settings: dict[str, Any]) -> dict[str, Path]:
     """Training data (shapes world [+ easy-VQA train]) and evaluation data (easy-VQA test subset or held-out shapes)."""
     from vlm_chat.datasets import shapes
 
-    train_dir, eval_dir = out / "data" / "shapes_train", out / "data" / "shapes_eval"
+    n_train, turns = settings["shapes_images"], settings.get("shapes_max_turns")
+    # The folder name carries every setting that changes its contents, so a run with other settings never reuses it.
+    train_name = "shapes_train" + (f"_{n_train}" if n_train != FULL["data"]["shapes_images"] else "")
+    train_name += f"_turns{turns}" if turns else ""
+    train_dir, eval_dir = out / "data" / train_name, out / "data" / "shapes_eval"
     if not (train_dir / "manifest.json").is_file():
         shapes.write_shapes_dataset(
-            train_dir, settings["shapes_images"], seed=shapes.TRAIN_SEED, image_size=settings["image_size"], pope_per_image=0
+            train_dir, n_train, seed=shapes.TRAIN_SEED, image_size=settings["image_size"], pope_per_image=0,
+            max_turns=turns,
         )
     if not (eval_dir / "manifest.json").is_file():  # another seed: scenes never seen in training
         shapes.write_shapes_dataset(
@@ -285,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of data, contrastive, pretrain, "
                          "instruct, dpo, eval")
         # Other data settings would silently reuse a data folder written with different ones.
-        if stage == "data" and key not in ("easyvqa_balance", "easyvqa_max_turns"):
-            parser.error(f"--set {item!r}: the data settings are easyvqa_balance, easyvqa_max_turns")
+        if stage == "data" and key not in DATA_SETTINGS:
+            parser.error(f"--set {item!r}: the data settings are {', '.join(DATA_SETTINGS)}")
         if stage == "eval" and key not in mode["eval"]:
             parser.error(f"--set {item!r}: eval settings are {', '.join(mode['eval'])}")
         import yaml
