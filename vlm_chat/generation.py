@@ -4,6 +4,7 @@ evaluation, the API's batcher): the checked ``GenerationConfig`` and the stop-on
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import threading
 from typing import Any
@@ -60,6 +61,12 @@ def check_generation_value(key: str, value: Any) -> None:
 
 
 
+@functools.cache
+def _known_generation_keys() -> frozenset[str]:
+    """The keywords ``GenerationConfig`` knows (the same for every request, so built once)."""
+    return frozenset(GenerationConfig().to_dict())
+
+
 def build_generation_config(processor: Any, kwargs: dict[str, Any]) -> GenerationConfig:
     """Greedy decoding with ``processor``'s stop tokens and the image token suppressed, updated by ``kwargs``.
 
@@ -78,7 +85,7 @@ def build_generation_config(processor: Any, kwargs: dict[str, Any]) -> Generatio
         "pad_token_id": tok.pad_token_id,
         "suppress_tokens": [processor.image_token_id],  # never emit the placeholder itself
     }
-    known = set(GenerationConfig().to_dict())
+    known = _known_generation_keys()
     unknown = sorted(set(kwargs) - known)
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
