@@ -329,10 +329,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return True
         return False
 
+    def resume(stage: str) -> dict[str, Any]:
+        """A stage a previous run left unfinished continues from its newest checkpoint (exactly: the engine refuses
+        one whose data order differs); ``--force`` starts it again."""
+        from vlm_chat.training.checkpoints import find_latest_checkpoint
+
+        latest = None if args.force else find_latest_checkpoint(run_dirs[stage])
+        if latest is None:
+            return {}
+        logger.info("%s: resuming the unfinished stage from %s", stage, latest)
+        return {"resume_from_checkpoint": str(latest)}
+
     t = time.perf_counter()
     if not done("contrastive"):
         run_contrastive_recipe({**common, **mode["contrastive"], "model_type": args.vision, "train_file": captions,
-                                "output_dir": run_dirs["contrastive"]})
+                                "output_dir": run_dirs["contrastive"], **resume("contrastive")})
     timings["contrastive"] = time.perf_counter() - t
     t = time.perf_counter()
     stage0 = evaluate_stage0(run_dirs["contrastive"] / "final", data, mode["eval"])
@@ -347,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for stage in ("pretrain", "instruct", "dpo"):
         t = time.perf_counter()
         if not done(stage):
-            run_stage_recipe(stage, {**common, **mode[stage], **inputs[stage], "output_dir": run_dirs[stage]})
+            run_stage_recipe(stage, {**common, **mode[stage], **inputs[stage], "output_dir": run_dirs[stage],
+                                     **resume(stage)})
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()
