@@ -64,33 +64,22 @@ def ship(run: Path, out: Path) -> None:
 _PATH_KEYS = {"output_dir", "train_file", "init_from", "model.vision.name_or_path", "save_steps"}
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    """``{"model": {"mapper": {"pool": 2}}}`` -> ``{"model.mapper.pool": 2}`` (the keys ``--set`` takes)."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def recipe_overrides(run: Path, scale: float) -> list[str]:
     """``--set STAGE.KEY=VALUE`` items that make ``quickstart.py --scale X`` with today's recipe YAMLs
     train what ``run`` trained (each stage's resolved ``config.yaml`` against the YAML; a YAML that changed after the
     run was trained shows up here instead of silently changing the recipe), plus the run's ``data.*`` items."""
     import yaml
 
-    from vlm_chat.training.quickstart import CONFIG_DIR
+    from vlm_chat.training.quickstart import CONFIG_DIR, flat_settings
 
     items, yaml_keys = [], {}
     for stage in ("pretrain", "instruct", "dpo"):
-        recipe = _flat(yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text()))
+        recipe = flat_settings(yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text()))
         yaml_keys[stage] = set(recipe)
         saved_file = run / stage / "config.yaml"
         if not saved_file.is_file():
             continue
-        saved = _flat(yaml.safe_load(saved_file.read_text()))
+        saved = flat_settings(yaml.safe_load(saved_file.read_text()))
         for key, value in recipe.items():
             if key in _PATH_KEYS or key not in saved:
                 continue
@@ -107,6 +96,36 @@ def recipe_overrides(run: Path, scale: float) -> list[str]:
         if stage == "data" or (stage in yaml_keys and rest.partition("=")[0] not in yaml_keys[stage]):
             items.append(item)
     return items
+
+
+def run_recipe(summary: dict) -> str | None:
+    """The named recipe a quickstart run was trained with: the one it was given (``--recipe``), or the shipped recipe
+    whose settings are exactly the run's ``--set`` items (the same run, spelled out)."""
+    from vlm_chat.training.quickstart import RECIPE_DIR, recipe_settings
+
+    if summary.get("recipe"):
+        return summary["recipe"]
+    overrides = summary.get("overrides")
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        if overrides and recipe_settings(path.stem) == overrides:
+            return path.stem
+    return None
+
+
+_QTYPE_NAMES = {"count_attribute": "count of a colour or shape", "exists": "existence"}
+
+
+def shapes_rows(result: dict, split: str) -> list[str]:
+    """Card rows of a ``vlm-chat eval shapes --output`` file: every question type, then the caption objects."""
+    rows = [f"| shapes world, held-out {split} scenes ({result['n_scenes']} scenes, {result['n']:,} questions), all "
+            f"types | {result['accuracy']:.4f} |"]
+    for qtype, r in sorted(result["by_type"].items()):
+        rows.append(f"| ... {_QTYPE_NAMES.get(qtype, qtype)} (n={r['n']:,}) | {r['accuracy']:.4f} |")
+    if "caption_objects" in result:
+        c = result["caption_objects"]
+        rows.append(f"| ... detailed captions: objects present that are named (recall) / named objects that are present "
+                    f"(precision) | {c['recall']:.4f} / {c['precision']:.4f} |")
+    return rows
 
 
 def _load(path: Path) -> dict | None:
@@ -133,6 +152,8 @@ def card(run: Path, out: Path) -> str:
                     f"{o['f1']:.4f} / {o['accuracy']:.4f} |")
         rows.append(f"| ... precision / recall / yes-ratio | {o['precision']:.4f} / {o['recall']:.4f} / "
                     f"{o['yes_ratio']:.4f} |")
+    for category, m in sorted((pope or {}).get("by_category", {}).items()):
+        rows.append(f"| ... POPE {category}: F1 / accuracy (n={m.get('n', '?')}) | {m['f1']:.4f} / {m['accuracy']:.4f} |")
     if caps:
         rows.append(f"| short captions, shapes world: BLEU-4 / CIDEr | {caps['bleu4']:.4f} / {caps['cider']:.4f} |")
     if enc:
@@ -140,6 +161,9 @@ def card(run: Path, out: Path) -> str:
                     f"{enc['zero_shot_accuracy']:.4f} |")
         rows.append(f"| stage-0 retrieval, shapes world: image->text R@1 / text->image R@1 | "
                     f"{enc['i2t_r1']:.4f} / {enc['t2i_r1']:.4f} |")
+    shapes = _load(ev / "shapes.json")
+    if shapes:
+        rows += shapes_rows(shapes, "test-seed")
     stages = summary.get("results", {})
     if {"instruct", "dpo"} <= set(stages):
         i, d = stages["instruct"], stages["dpo"]
@@ -161,17 +185,31 @@ def card(run: Path, out: Path) -> str:
     if reused:
         timed += f" ({', '.join(reused)} reused from an identical run, not counted)"
     # A run that is more than one quickstart call (e.g. a continued stage) records its own commands in recipe.sh.
-    recipe_file = run / "recipe.sh"
-    training = [x for x in recipe_file.read_text().splitlines() if x.strip()] if recipe_file.is_file() else [
-        f"python train/quickstart.py --data-only --output {run}",
-        f"python train/contrastive.py --config vlm_chat/recipes/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
-        f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
-        f" --save_steps 1000   # stage 0, 12.5 min here",
-        f"python train/quickstart.py --scale {scale:g} --output {run}"
-        + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
-        + f"   # reuses that stage 0; {timed}",
-    ]
+    recipe_file, recipe = run / "recipe.sh", run_recipe(summary)
+    extra = [] if recipe and not summary.get("recipe") else summary.get("overrides", [])  # --set beyond the recipe
+    if recipe_file.is_file():
+        training = [x for x in recipe_file.read_text().splitlines() if x.strip()]
+    elif recipe:
+        training = [f"python train/quickstart.py --recipe {recipe} --output {run}"
+                    + "".join(f" --set {item}" for item in extra) + f"   # from nothing: {timed}"]
+    else:
+        training = [
+            f"python train/quickstart.py --data-only --output {run}",
+            f"python train/contrastive.py --config vlm_chat/recipes/quickstart/contrastive.yaml --train_file {run}/data/captions.jsonl"
+            f" --output_dir {run}/contrastive --learning_rate 2e-3 --max_steps {STAGE0_STEPS} --warmup_steps 100"
+            f" --save_steps 1000   # stage 0, 12.5 min here",
+            f"python train/quickstart.py --scale {scale:g} --output {run}"
+            + "".join(f" --set {item}" for item in recipe_overrides(run, scale))
+            + f"   # reuses that stage 0; {timed}",
+        ]
+    from vlm_chat.card import card_data
+    from vlm_chat.config import VLMConfig
+
+    # Hub front matter (license, base model, pipeline tag), as every vlm-chat checkpoint's card has.
+    has_config = (out / "config.json").is_file()
+    front = card_data(VLMConfig.load(out / "config.json"), tags=["shapes-world"]) if has_config else None
     lines = [
+        *([f"---\n{front.to_yaml()}\n---", ""] if front else []),
         "# vlm-chat demo model",
         "",
         "A small vision-language assistant for the **shapes world**: images of 1-4 flat shapes in easy-VQA's 8 colours",
@@ -207,6 +245,7 @@ def card(run: Path, out: Path) -> str:
         f"vlm-chat eval vqa --paraphrase --model {out} --output {ev}/vqa_paraphrase.json",
         f"vlm-chat eval pope --model {out} --output {ev}/pope.json",
         f"vlm-chat eval captions --model {out} --output {ev}/captions.json",
+        f"vlm-chat eval shapes --model {out} --output {ev}/shapes.json",
         f"vlm-chat eval encoder --model {out}/vision --output {ev}/encoder.json",
         f"python train/ship_demo.py --run {run} --out {out} --card-only",
         "```",

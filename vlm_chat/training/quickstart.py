@@ -57,6 +57,46 @@ FULL = {
 }
 
 
+#: Named recipes (``--recipe NAME`` reads ``RECIPE_DIR/NAME.yaml``): settings on top of the stage YAMLs, as data.
+RECIPE_DIR = CONFIG_DIR.parent
+SECTIONS = ("data", "contrastive", "pretrain", "instruct", "dpo", "eval")
+
+
+def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"mapper": {"pool": 2}}}`` -> ``{"model.mapper.pool": 2}`` (the keys ``--set`` takes)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_settings(recipe: str) -> list[str]:
+    """The ``STAGE.KEY=VALUE`` items of a recipe: a shipped name (``demo``) or a YAML file's path.
+
+    Raises:
+        ValueError: no such recipe, or a file that is not a mapping of the sections :data:`SECTIONS` (the message
+            names the file and the section).
+    """
+    import yaml
+
+    path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else RECIPE_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(f.stem for f in RECIPE_DIR.glob("*.yaml")))
+        raise ValueError(f"--recipe {recipe!r}: {path} does not exist (shipped recipes: {names}; or a .yaml path)")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    for section, settings in data.items():
+        if section not in SECTIONS or not isinstance(settings, dict):
+            raise ValueError(f"{path}: section {section!r} must be one of {', '.join(SECTIONS)} and hold a mapping")
+    # JSON scalars read back as the same YAML values (6000, false, 1.0e-3, "text") when --set parses them.
+    return [f"{section}.{key}={json.dumps(value)}" for section, settings in data.items()
+            for key, value in flat_settings(settings).items()]
+
+
 #: Data settings ``--set data.KEY=VALUE`` may change (each one names the folder it writes, so nothing stale is reused):
 #: the number of training scenes, their QA turns (``None``: every question of ``shapes.qa_pairs``) and two easy-VQA
 #: variants.
@@ -255,7 +295,13 @@ def _loss_curve(run_dirs: dict[str, Path], target: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Tiny random models and data (seconds, for tests).")
-    parser.add_argument("--output", default="runs/quickstart", help="Run directory.")
+    parser.add_argument("--output", default=None, help="Run directory (default: runs/quickstart, or runs/RECIPE).")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="A named recipe (demo: the shipped demo model) or a recipe YAML's path: settings on top of the stage "
+        "YAMLs; --set items still win.",
+    )
     parser.add_argument("--vision", choices=["clip", "siglip"], default="clip", help="Stage-0 model family.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="Retrain stages whose final/ already exists.")
@@ -289,17 +335,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vlm_chat import VLMChat
 
     mode = {k: dict(v) for k, v in (TINY if args.tiny else FULL).items()}
-    for item in args.overrides:
+    try:
+        from_recipe = recipe_settings(args.recipe) if args.recipe else []
+    except ValueError as e:
+        parser.error(str(e))
+    if args.output is None:
+        args.output = f"runs/{Path(args.recipe).stem}" if args.recipe else "runs/quickstart"
+    sources = [(item, f"--recipe {args.recipe}: {item!r}") for item in from_recipe]
+    for item, where in sources + [(item, f"--set {item!r}") for item in args.overrides]:
         stage, _, rest = item.partition(".")
         key, eq, value = rest.partition("=")
         if stage not in mode or not key or not eq:
-            parser.error(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE one of data, contrastive, pretrain, "
-                         "instruct, dpo, eval")
+            parser.error(f"{where}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(SECTIONS)}")
         # Other data settings would silently reuse a data folder written with different ones.
         if stage == "data" and key not in DATA_SETTINGS:
-            parser.error(f"--set {item!r}: the data settings are {', '.join(DATA_SETTINGS)}")
+            parser.error(f"{where}: the data settings are {', '.join(DATA_SETTINGS)}")
         if stage == "eval" and key not in mode["eval"]:
-            parser.error(f"--set {item!r}: eval settings are {', '.join(mode['eval'])}")
+            parser.error(f"{where}: eval settings are {', '.join(mode['eval'])}")
         import yaml
 
         mode[stage][key] = yaml.safe_load(value)  # stage keys are checked by the stage's own parser
@@ -376,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": "tiny" if args.tiny else "full",
         "scale": args.scale,
         "stage0_scale": args.stage0_scale,
+        "recipe": args.recipe,
+        "recipe_settings": from_recipe,
         "overrides": args.overrides,
         "stage0": stage0,
         "results": results,
@@ -394,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    budget = "" if args.tiny or args.scale != 1 or args.stage0_scale != 1 or args.overrides else f" (budget {BUDGET_S / 60:.0f} min: {'met' if timings['total'] <= BUDGET_S else 'EXCEEDED'})"
+    budget = "" if args.tiny or args.scale != 1 or args.stage0_scale != 1 or args.overrides or args.recipe else f" (budget {BUDGET_S / 60:.0f} min: {'met' if timings['total'] <= BUDGET_S else 'EXCEEDED'})"
     print(f"total wall time {timings['total'] / 60:.1f} min{budget}")
     print(f"final model: {summary['final']}")
     return summary
