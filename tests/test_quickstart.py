@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output", str(out),
-                           "--set", "pretrain.model.mapper.pool=1",  # vlm_chat/recipes/quickstart/pretrain.yaml says 2
-                           "--set", "data.easyvqa_balance=true",  # no easy-VQA in --tiny: only recorded
-                           "--set", "instruct.independent_turns=true"],  # a DataArgs key no quickstart YAML holds
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    command = [sys.executable, str(ROOT / "train" / "quickstart.py"), "--tiny", "--output", str(out),
+               "--set", "pretrain.model.mapper.pool=1",  # vlm_chat/recipes/quickstart/pretrain.yaml says 2
+               "--set", "data.easyvqa_balance=true",  # no easy-VQA in --tiny: only recorded
+               "--set", "instruct.independent_turns=true"]  # a DataArgs key no quickstart YAML holds
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     assert summary["overrides"] == ["pretrain.model.mapper.pool=1", "data.easyvqa_balance=true",
@@ -83,6 +83,22 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     card = (shipped / "README.md").read_text()
     assert "python train/quickstart.py --output X\npython train/instruct.py --init_from Y\n" in card
     assert "--set pretrain.model.mapper.pool=1" not in card
+
+    # A run stopped mid-stage (here: instruct killed after its step-6 checkpoint) continues where it stopped when the
+    # same command runs again, and ends with the weights the uninterrupted run trained, bit for bit.
+    import shutil
+
+    weights = {f.relative_to(out): f.read_bytes() for f in (out / "instruct" / "final").rglob("*.safetensors")}
+    assert weights
+    assert sorted(d.name for d in (out / "instruct" / "checkpoints").iterdir()) == ["step-12", "step-6"]
+    for gone in (out / "instruct" / "final", out / "instruct" / "checkpoints" / "step-12", out / "dpo"):
+        shutil.rmtree(gone)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "instruct: resuming the unfinished stage from" in proc.stderr and "pretrain: reusing" in proc.stderr
+    assert "step-6 at step 6" in proc.stderr  # the engine's word that it went on from there, not from step 0
+    assert {f.relative_to(out): f.read_bytes() for f in (out / "instruct" / "final").rglob("*.safetensors")} == weights
+    assert (out / "dpo" / "final").is_dir()
 
 
 def test_bad_set_names_the_expected_form(tmp_path):
