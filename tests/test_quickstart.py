@@ -24,7 +24,15 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     assert set(summary["results"]) == {"instruct", "dpo"}
     vqa = summary["results"]["dpo"]
     kinds = [k for k in vqa if k.startswith("vqa_") and k not in ("vqa_accuracy", "vqa_n")]
-    assert kinds and all(0 <= vqa[k] <= 1 for k in kinds)  # per question type (shapes world: count, color, ...)
+    assert kinds and vqa["vqa_n"] == 24  # per question type (shapes world: count, color, ...) on eval.vqa_questions
+    # The table's numbers are what a user's own `vlm-chat eval` gets on the same questions with the same model.
+    cli = subprocess.run([sys.executable, "-m", "vlm_chat.cli", "eval", "vqa", "--model", summary["final"], "--data",
+                          str(out / "data" / "shapes_eval" / "vqa.jsonl"), "--limit", "24",
+                          "--output", str(tmp_path / "vqa.json")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    mine = json.loads((tmp_path / "vqa.json").read_text())
+    assert (mine["n"], mine["accuracy"]) == (24, vqa["vqa_accuracy"])
+    assert {f"vqa_{t.replace('/', '_')}": v["accuracy"] for t, v in mine["by_type"].items()} == {k: vqa[k] for k in kinds}
     # Every shapes-world question type is reported for both models; the object recall/precision with the captions.
     from vlm_chat.datasets import shapes
 
@@ -55,7 +63,7 @@ def test_tiny_quickstart_runs_all_stages(tmp_path, red_circle):
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "ship_demo.py"), "--run", str(out), "--out", str(shipped)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary["stage0"]["zero_shot_n"] > 0 and 0 <= summary["stage0"]["zero_shot_accuracy"] <= 1
+    assert summary["stage0"]["zero_shot_n"] == 48  # eval.zero_shot_images of --tiny: easy-VQA test images, one each
     demo = VLMChat.from_pretrained(shipped)
     assert demo.config.lm.name_or_path == chat.config.lm.name_or_path and demo.config.system_prompt == ""
     import torch
