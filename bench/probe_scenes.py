@@ -16,7 +16,9 @@ weight is chosen on a fifth of the probe-training scenes, then refitted on all o
 - per quadrant (the scene cell a "Where is ...?" answer names; 4x4 of the 8x8 patches at 64 px), one probe each:
   ``empty`` (is an object there; all quadrants), and ``color``, ``shape``, ``size`` of the object there (occupied
   quadrants only); ``object`` = colour and shape both right (what naming or locating an object needs);
-- ``count`` (1-4 objects) from all patches.
+- ``count`` (1-4 objects) from all patches;
+- ``where``: from one patch token of an occupied quadrant, which quadrant it lies in (does a token's content say
+  where it is? An LLM reads a token by its content: if it does not, only the token order tells the place).
 
 Stages whose tokens are not one per patch (pooled output; a pooling or resampling mapper) are probed on all tokens.
 The LLM row asks every ``shapes.qa_pairs`` question of the first ``--llm-scenes`` probe-test scenes with
@@ -43,7 +45,7 @@ logger = logging.getLogger("bench.probe_scenes")
 
 TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 1, 2, 1234  # the shapes world's conventions (vlm_chat.datasets.shapes)
 QUADRANT_TARGETS = ("empty", "color", "shape", "size")
-TARGETS = (*QUADRANT_TARGETS, "object", "count")
+TARGETS = (*QUADRANT_TARGETS, "object", "count", "where")
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -237,6 +239,9 @@ def probe_stage(train: torch.Tensor, test: torch.Tensor, y_train: dict[str, torc
     """
     from vlm_chat.datasets import shapes
 
+    all_train, all_test = train, test  # the count reads every token, a kept CLS token included
+    if train.shape[1] == grid**2 + 1:  # a tower that keeps its CLS token puts it first: the patches follow
+        train, test = train[:, 1:], test[:, 1:]
     per_patch = train.shape[1] == grid**2
     quadrants = quadrant_patches(grid) if per_patch else [None] * 4
     result: dict[str, dict[str, Any]] = {}
@@ -275,12 +280,37 @@ def probe_stage(train: torch.Tensor, test: torch.Tensor, y_train: dict[str, torc
     occupied = y_test["empty"] == 0  # [M, 4]
     both = torch.stack(right["color"], 1) & torch.stack(right["shape"], 1)  # [M, 4]
     result["object"] = {"accuracy": both[occupied].float().mean().item(), "n": int(occupied.sum())}
-    fit = fit_probe(_rows(train, None), y_train["count"], _rows(test, None), **probe_kwargs)
+    fit = fit_probe(_rows(all_train, None), y_train["count"], _rows(all_test, None), **probe_kwargs)
     majority = Counter(y_train["count"].tolist()).most_common(1)[0][0]
     result["count"] = {"accuracy": (fit["predictions"] == y_test["count"]).float().mean().item(), "n": len(test),
                        "majority": (y_test["count"] == majority).float().mean().item(),
                        "weight_decay": [fit["weight_decay"]]}
+    if per_patch:
+        result["where"] = where_probe(train, test, y_train, y_test, grid, **probe_kwargs)
     return result
+
+
+def where_probe(train: torch.Tensor, test: torch.Tensor, y_train: dict[str, torch.Tensor],
+                y_test: dict[str, torch.Tensor], grid: int, **probe_kwargs: Any) -> dict[str, Any]:
+    """Does one token say where it is? A probe from a single patch token to its quadrant (4 classes, chance 0.25).
+
+    Only tokens of occupied quadrants count: those are the ones a "Where is the ...?" answer must place. The
+    quadrant probes above cannot tell this: they read each quadrant's own tokens, so the place is given to them. An
+    LLM attends to a token by its content; if the content does not hold the place, only the token order does.
+    """
+    quadrant = torch.empty(grid**2, dtype=torch.long)
+    for q, patches in enumerate(quadrant_patches(grid)):
+        quadrant[patches] = q
+
+    def rows(feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        occupied = (labels["empty"] == 0)[:, quadrant]  # [N, T]: the token's quadrant holds an object
+        return feats[occupied], quadrant.expand(len(feats), -1)[occupied]  # [K, D], [K]
+
+    (xtr, ytr), (xte, yte) = rows(train, y_train), rows(test, y_test)
+    fit = fit_probe(xtr, ytr, xte, **probe_kwargs)
+    return {"accuracy": (fit["predictions"] == yte).float().mean().item(), "n": len(yte),
+            "majority": (yte == Counter(ytr.tolist()).most_common(1)[0][0]).float().mean().item(),
+            "weight_decay": [fit["weight_decay"]]}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -414,7 +444,7 @@ def run_probes(
 
 # Which LLM question types read which probe target (the table's last column).
 LLM_TYPES = {"color": ("color",), "shape": ("shape",), "size": ("size",), "empty": ("exists",),
-             "object": ("position",), "count": ("count",)}
+             "object": ("position",), "count": ("count",), "where": ("position",)}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -425,12 +455,13 @@ def table(result: dict[str, Any]) -> str:
     others = [s for s in probes if s not in ("feature_layer", "mapper", feature_layer)]
     head = ["target", "majority", f"tower {feature_layer}", "best other stage", "mapper output", "LLM answers"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for target in TARGETS:
-        best = max(others, key=lambda s: probes[s][target]["accuracy"]) if others else None
+    for target in [t for t in TARGETS if t in probes[feature_layer]]:
+        having = [s for s in others if target in probes[s]]  # `where` needs one token per patch
+        best = max(having, key=lambda s: probes[s][target]["accuracy"]) if having else None
         cells = [target, f"{probes[feature_layer][target].get('majority', float('nan')):.2f}",
                  f"{probes[feature_layer][target]['accuracy']:.3f}",
                  f"{probes[best][target]['accuracy']:.3f} ({best})" if best else "-"]
-        cells.append(f"{probes['mapper'][target]['accuracy']:.3f}" if "mapper" in probes else "-")
+        cells.append(f"{probes['mapper'][target]['accuracy']:.3f}" if target in probes.get("mapper", {}) else "-")
         by_type = (result.get("llm") or {}).get("by_type", {})
         cells.append(", ".join(f"{t} {by_type[t]['accuracy']:.3f}" for t in LLM_TYPES[target] if t in by_type) or "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -439,7 +470,8 @@ def table(result: dict[str, Any]) -> str:
         lines += ["", "| LLM question type | accuracy | n | unanswered |", "|---|---|---|---|"]
         lines += [f"| {t} | {v['accuracy']:.3f} | {v['n']} | {v['unanswered']} |" for t, v in by_type.items()]
     lines += ["", "| stage | " + " | ".join(TARGETS) + " |", "|" + "---|" * (len(TARGETS) + 1)]
-    lines += [f"| {s} | " + " | ".join(f"{p[t]['accuracy']:.3f}" for t in TARGETS) + " |" for s, p in probes.items()]
+    lines += [f"| {s} | " + " | ".join(f"{p[t]['accuracy']:.3f}" if t in p else "-" for t in TARGETS) + " |"
+              for s, p in probes.items()]
     return "\n".join(lines)
 
 

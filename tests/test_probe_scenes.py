@@ -55,6 +55,23 @@ def test_probe_learns_a_separable_target_and_not_noise():
     assert (fit["predictions"] == noise[200:]).float().mean() < 0.7
 
 
+def test_where_probe_reads_a_place_only_where_the_tokens_hold_it():
+    """Features that are a token's place (one vector per grid position) give its quadrant exactly; features that are
+    the same at every place (what a tower gives when its layers wash the position embedding out) give chance."""
+    from vlm_chat.datasets import shapes
+
+    gen = torch.Generator().manual_seed(0)
+    scenes = shapes.generate_scenes(40, seed=1, image_size=32)
+    labels = probe_scenes.scene_labels(scenes)
+    place = torch.randn(16, 32, generator=gen)  # 4x4 grid, one vector per position (16 points in 32-d: separable)
+    content = torch.randn(40, 1, 32, generator=gen).expand(-1, 16, -1)  # per image, the same at every place
+    placed = 0.3 * content + place + 0.01 * torch.randn(40, 16, 32, generator=gen)
+    train, test = {k: v[:30] for k, v in labels.items()}, {k: v[30:] for k, v in labels.items()}
+    assert probe_scenes.where_probe(placed[:30], placed[30:], train, test, grid=4)["accuracy"] == 1.0
+    blind = probe_scenes.where_probe(content[:30], content[30:], train, test, grid=4)
+    assert blind["accuracy"] < 0.5 and blind["n"] == 4 * int((test["empty"] == 0).sum())
+
+
 def test_run_refuses_the_test_seed():
     with pytest.raises(ValueError, match="test seed"):
         probe_scenes.run_probes(tower=object(), test_seed=1234)
@@ -71,16 +88,26 @@ def test_run_probes_on_a_tiny_vlm(tiny_clip_dir, tiny_smollm2_dir):
     assert set(result["probes"]) == {"layer-1", "layer-2", "layer-3", "pooled", "mapper"}
     test_scenes = shapes.generate_scenes(8, seed=2, image_size=32)
     occupied = sum(len(s.objects) for s in test_scenes)
-    for stage in result["probes"].values():
+    for name, stage in result["probes"].items():
         assert stage["empty"]["n"] == 8 * 4
         assert stage["color"]["n"] == stage["object"]["n"] == occupied
         assert stage["count"]["n"] == 8
+        if name != "pooled":  # one token: no place to read
+            assert stage["where"]["n"] == 4 * occupied  # a 4x4 grid: 4 patch tokens a quadrant
     expected = {}
     for scene in test_scenes[:1]:
         for qa in shapes.qa_pairs(scene):
             expected[qa.qtype] = expected.get(qa.qtype, 0) + 1
     assert {t: v["n"] for t, v in result["llm"]["by_type"].items()} == expected
-    assert "| count |" in probe_scenes.table(result)
+    assert "| count |" in probe_scenes.table(result) and "| where |" in probe_scenes.table(result)
+    # A mapper that is handed the CLS token too (drop_cls false) is probed on its patch tokens, not on all of them.
+    from vlm_chat.config import LMConfig, VisionConfig, VLMConfig
+
+    kept = VLMChat.from_config(VLMConfig(vision=VisionConfig(name_or_path=str(tiny_clip_dir), drop_cls=False),
+                                         lm=LMConfig(name_or_path=str(tiny_smollm2_dir))), device="cpu")
+    result = probe_scenes.run_probes(kept, train_scenes=24, test_scenes=8, llm_scenes=0, weight_decays=[1e-2],
+                                     max_iter=10, stages=["mapper"])
+    assert len(result["probes"]["mapper"]["color"]["by_quadrant"]) == 4 and "where" in result["probes"]["mapper"]
 
 
 def test_pool_averages_each_2x2_block_and_probes_it_on_its_own_grid(tiny_clip_dir):
