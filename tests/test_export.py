@@ -114,6 +114,7 @@ print("ANSWER=" + json.dumps(out[0]["generated_text"]))
     ("mlp", {"depth": 1}, "has 1 linear layer"),
     ("mlp", {"depth": 3}, "has 3 linear layer"),
     ("mlp", {"pool": 2}, "average-pools the patch grid 2x2"),
+    ("mlp", {"position_embedding": True}, "learned embedding per patch position"),
 ])
 def test_what_llava_cannot_hold_is_refused_before_writing(tiny_clip_dir, tiny_smollm2_dir, tmp_path, mapper, extra,
                                                            why):

@@ -270,6 +270,47 @@ def test_mapper_shapes(kind, depth, pool, n_out):
         assert [type(m).__name__ for m in mapper.proj] == ["Linear"]
 
 
+@pytest.mark.parametrize("kind", ["mlp", "perceiver", "qformer"])
+def test_position_embedding_tells_the_mapper_where_a_token_is(kind):
+    """Without it every mapper is blind to which patch a feature came from (an MLP maps each token alone, the
+    attention mappers are permutation-invariant over patches); with it, the same feature at another place maps to
+    something else, and it starts at zero, so a mapper begins as it would without it."""
+    torch.manual_seed(0)
+    plain = build_mapper(MapperConfig(kind=kind, num_queries=8, num_heads=4), d_vis=24, d_lm=40, grid=4)
+    torch.manual_seed(0)
+    placed = build_mapper(MapperConfig(kind=kind, num_queries=8, num_heads=4, position_embedding=True), d_vis=24,
+                          d_lm=40, grid=4, num_inputs=16)
+    x = torch.randn(2, 16, 24)
+    swapped = x[:, torch.randperm(16, generator=torch.Generator().manual_seed(1))]
+    torch.testing.assert_close(placed(x), plain(x))  # zero-initialised
+    assert placed.num_tokens(16) == plain.num_tokens(16)
+    with torch.no_grad():
+        placed.positions.normal_()
+    if kind == "mlp":  # per token: a moved feature moves its visual token and nothing else
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(plain(swapped), plain(x)[:, perm])
+        assert not torch.allclose(placed(swapped), placed(x)[:, perm])
+    else:
+        torch.testing.assert_close(plain(swapped), plain(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(placed(swapped), placed(x), atol=1e-3)
+    assert sorted(placed.state_dict())[-1] == "positions"
+    with pytest.raises(ValueError, match="position_embedding has 16 positions, got 9 tokens"):
+        placed(torch.randn(1, 9, 24))
+    with pytest.raises(ValueError, match="needs the number of tokens"):
+        build_mapper(MapperConfig(position_embedding=True), d_vis=24, d_lm=40, grid=4)
+
+
+def test_position_embedding_saves_and_reloads(tiny_clip_dir, tiny_llama_dir, tmp_path, red_circle):
+    chat = VLMChat.from_components(str(tiny_clip_dir), str(tiny_llama_dir), mapper_config={"position_embedding": True})
+    with torch.no_grad():
+        chat.model.mapper.positions.normal_()  # as if trained
+    chat.save_pretrained(tmp_path / "ckpt")
+    back = VLMChat.from_pretrained(tmp_path / "ckpt")
+    assert back.config.mapper.position_embedding is True
+    torch.testing.assert_close(back.model.mapper.positions, chat.model.mapper.positions)
+    assert back.generate(red_circle, "What color?", **GEN) == chat.generate(red_circle, "What color?", **GEN)
+
+
 def test_unknown_mapper_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown mapper 'resampler'; valid mappers: mlp, perceiver, qformer"):
         build_mapper(MapperConfig(kind="resampler"), 8, 8)

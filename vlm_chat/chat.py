@@ -83,7 +83,7 @@ class VLMChat:
             torch.manual_seed(seed)  # a fresh LoRA adapter and mapper are the same for the same seed
             lm = load_lm(lm_cfg, tokenizer, dtype, adapter_dir=adapter_dir, is_trainable=is_trainable)
             d_lm = lm.get_input_embeddings().weight.shape[1]
-            mapper = build_mapper(config.mapper, vision.hidden_size, d_lm, grid=vision.grid)
+            mapper = build_mapper(config.mapper, vision.hidden_size, d_lm, grid=vision.grid, num_inputs=vision.num_tokens)
         if mapper_state is not None:
             try:
                 mapper.load_state_dict(mapper_state)

@@ -45,6 +45,11 @@ class MapperConfig:
         num_layers: Blocks of the perceiver and Q-Former.
         num_heads: Attention heads of the perceiver and Q-Former.
         hidden_size: Internal width of the perceiver and Q-Former (``None`` = the vision width).
+        position_embedding: Add a learned embedding per input token (its place in the patch grid) to the features
+            before mapping. A contrastive tower's patch tokens can lose where they are: the demo recipe's tower
+            carries a token's quadrant at 0.77 in its embeddings but at chance (0.27) at layer -2, so without this
+            the LLM can tell where a shape is only from the token order (docs/experiments/
+            2026-12-04-visual-tokens-do-not-say-where.md). Off by default; Llava exports refuse it.
     """
 
     kind: str = "mlp"
@@ -54,6 +59,7 @@ class MapperConfig:
     num_layers: int = 2
     num_heads: int = 4
     hidden_size: int | None = None
+    position_embedding: bool = False
 
 
 @dataclass

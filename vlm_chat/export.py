@@ -56,7 +56,7 @@ def llava_unsupported(chat) -> str | None:
     """Why ``chat`` cannot be expressed as a transformers Llava (and what to do instead), or None if it can."""
     mapper, lm = chat.config.mapper, chat.config.lm
     fix = "export it with --format merged (a vlm-chat checkpoint) or train a Llava-style mapper (mapper kind mlp, " \
-          "depth 2, pool 1)"
+          "depth 2, pool 1, no position_embedding)"
     if mapper.kind != "mlp":
         return f"its {mapper.kind} mapper has no Llava counterpart (Llava's projector is a 2-layer MLP over every " \
                f"patch); {fix}"
@@ -66,6 +66,9 @@ def llava_unsupported(chat) -> str | None:
     if mapper.pool != 1:
         return f"its MLP mapper average-pools the patch grid {mapper.pool}x{mapper.pool}, which Llava's 2-layer MLP " \
                f"projector cannot do (it maps every patch); {fix}"
+    if mapper.position_embedding:
+        return "its mapper adds a learned embedding per patch position before the MLP (mapper.position_embedding), " \
+               f"which Llava's projector has no place for; {fix}"
     if lm.load_in_4bit:
         return "its LLM is loaded in 4-bit (QLoRA): merging the adapter needs the full-precision base weights. Set " \
                "lm.load_in_4bit to false in the checkpoint's config.json (the adapter applies to the same base) and " \

@@ -124,6 +124,28 @@ class QFormerMapper(nn.Module):
         return self.output_proj(self.norm(q))  # [B, Q, d_lm]
 
 
+class PatchPositions(nn.Module):
+    """Any mapper with a learned embedding per input token added to the features first (``position_embedding``).
+
+    Zero at the start, so a mapper begins as it would without it. Each input token (a CLS token kept by the tower
+    included) gets its own vector: a linear read of the demo recipe's tower at layer -2 cannot tell a patch token's
+    quadrant (chance), so the visual tokens would otherwise not say where in the picture they come from.
+    """
+
+    def __init__(self, mapper: nn.Module, num_inputs: int, d_vis: int):
+        super().__init__()
+        self.mapper = mapper
+        self.positions = nn.Parameter(torch.zeros(num_inputs, d_vis))
+
+    def num_tokens(self, num_patches: int) -> int:
+        return self.mapper.num_tokens(num_patches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.positions.shape[0]:
+            raise ValueError(f"mapper.position_embedding has {self.positions.shape[0]} positions, got {x.shape[1]} tokens")
+        return self.mapper(x + self.positions.to(x.dtype))  # [B, N, d_vis] + [N, d_vis]
+
+
 def _check_heads(dim: int, num_heads: int) -> None:
     if num_heads < 1 or dim % num_heads:
         raise ValueError(f"mapper.num_heads={num_heads} must divide the mapper width {dim}")
@@ -132,7 +154,8 @@ def _check_heads(dim: int, num_heads: int) -> None:
 MAPPERS = {"mlp": MLPMapper, "perceiver": PerceiverMapper, "qformer": QFormerMapper}
 
 
-def build_mapper(cfg: MapperConfig, d_vis: int, d_lm: int, grid: int | None = None) -> nn.Module:
+def build_mapper(cfg: MapperConfig, d_vis: int, d_lm: int, grid: int | None = None,
+                 num_inputs: int | None = None) -> nn.Module:
     """Build the mapper named by ``cfg.kind``.
 
     Args:
@@ -140,6 +163,7 @@ def build_mapper(cfg: MapperConfig, d_vis: int, d_lm: int, grid: int | None = No
         d_vis: Width of the vision features.
         d_lm: Hidden size of the language model.
         grid: Patches per side of the vision tower (needed for MLP pooling).
+        num_inputs: Tokens the tower gives per image (needed for ``cfg.position_embedding``).
 
     Raises:
         ValueError: unknown ``cfg.kind`` (the message lists the valid names) or inconsistent sizes.
@@ -147,6 +171,12 @@ def build_mapper(cfg: MapperConfig, d_vis: int, d_lm: int, grid: int | None = No
     if cfg.kind not in MAPPERS:
         raise ValueError(f"unknown mapper {cfg.kind!r}; valid mappers: {', '.join(MAPPERS)}")
     if cfg.kind == "mlp":
-        return MLPMapper(d_vis, d_lm, depth=cfg.depth, pool=cfg.pool, grid=grid)
-    return MAPPERS[cfg.kind](d_vis, d_lm, num_queries=cfg.num_queries, num_layers=cfg.num_layers,
-                             num_heads=cfg.num_heads, hidden_size=cfg.hidden_size)
+        mapper = MLPMapper(d_vis, d_lm, depth=cfg.depth, pool=cfg.pool, grid=grid)
+    else:
+        mapper = MAPPERS[cfg.kind](d_vis, d_lm, num_queries=cfg.num_queries, num_layers=cfg.num_layers,
+                                   num_heads=cfg.num_heads, hidden_size=cfg.hidden_size)
+    if not cfg.position_embedding:
+        return mapper
+    if not num_inputs:
+        raise ValueError("mapper.position_embedding needs the number of tokens the vision tower gives (num_inputs)")
+    return PatchPositions(mapper, num_inputs, d_vis)
